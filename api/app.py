@@ -1,0 +1,121 @@
+"""The FastAPI application: a factory, its lifespan, and how failures become status codes.
+
+``create_app(settings)`` builds everything from settings when it starts; a test may pass its own
+``store`` instead. Failures map to the contract's statuses with a JSON body and never a traceback:
+auth to 401/403, a dead Redis to 503 (with ``Retry-After``), a damaged key to a 500 that names the
+workspace's problem and not the stack.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.auth import Forbidden, TokenVerifier, Unauthenticated
+from api.routes import router
+from sketches.errors import CorruptSketch, StoreUnavailable
+from sketches.store import SketchStore
+from usage_metrics.config import Settings
+from usage_metrics.wiring import open_store
+
+log = logging.getLogger(__name__)
+
+ID_ROUTES_PREFIX = b"/api/v2/org/"
+
+
+class RawPathIds:
+    """Route ids on the raw, still percent-encoded path.
+
+    Starlette routes on the decoded path, where ``a%2Fb`` has become ``a/b`` and no longer fits
+    one path segment. Ids may contain anything, ``/`` included, so for the id routes the path is
+    matched as it came on the wire and each id is decoded exactly once, by ``api.routes``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw = scope.get("raw_path")
+            if raw and raw.startswith(ID_ROUTES_PREFIX):
+                scope = dict(scope)
+                scope["path"] = raw.split(b"?", 1)[0].decode("latin-1")
+        await self.app(scope, receive, send)
+
+
+def _detail(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def create_app(settings: Settings | None = None, store: SketchStore | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            if store is None:
+                app.state.store = await stack.enter_async_context(open_store(settings))
+            else:
+                app.state.store = store
+            yield
+
+    app = FastAPI(
+        title="usage-metrics",
+        version="0.1.0",
+        summary="Daily, weekly and monthly active users per workspace, live from Kafka logins",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.verifier = TokenVerifier(settings)
+    if store is not None:
+        app.state.store = store
+    if app.state.verifier.algorithm is None:
+        log.warning("no JWT_SECRET or JWT_PUBLIC_KEY set: every request will be refused (401)")
+
+    @app.exception_handler(Unauthenticated)
+    async def _unauthenticated(request: Request, exc: Unauthenticated) -> JSONResponse:
+        return _detail(401, str(exc), {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(request: Request, exc: Forbidden) -> JSONResponse:
+        return _detail(403, str(exc))
+
+    @app.exception_handler(StoreUnavailable)
+    async def _unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        log.warning("store unavailable: %s", exc)
+        return _detail(503, "store unavailable, try again shortly", {"Retry-After": "5"})
+
+    @app.exception_handler(CorruptSketch)
+    async def _corrupt(request: Request, exc: CorruptSketch) -> JSONResponse:
+        log.error("corrupt sketch served as 500: %s", exc)
+        return _detail(500, "stored data of this workspace is unreadable; operators see the key "
+                            "in the logs")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        ref = uuid.uuid4().hex[:12]
+        log.exception("unhandled error, reference %s", ref)
+        return _detail(500, f"internal error, reference {ref}")
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False, response_model=None)
+    async def readyz(request: Request) -> Any:
+        try:
+            await request.app.state.store.ping()
+        except StoreUnavailable as err:
+            return _detail(503, f"store unavailable: {err}")
+        return {"status": "ready"}
+
+    app.include_router(router)
+    app.add_middleware(RawPathIds)
+    return app

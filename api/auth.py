@@ -1,0 +1,142 @@
+"""Who may read what: bearer JWTs, roles mapped to permissions by the server, tenants by org.
+
+The algorithm comes from the configuration, never from the token's header: an ``HS256`` secret
+accepts only ``HS256``; a PEM public key accepts only the algorithm of its key type (``RS256`` for
+RSA, ``ES256`` for P-256). That closes ``alg: none`` and the classic confusion attack (an HS256
+token signed with the server's RS256 public key).
+
+Roles never carry permissions themselves: the token says who the caller is, this table says what
+that role may do, so a role the table does not know gets nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from usage_metrics.config import Settings
+
+READ_METRICS = "workspace_metrics:read"
+WRITE_SETTINGS = "workspace_settings:write"
+
+ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
+    "superadmin": frozenset({READ_METRICS, WRITE_SETTINGS}),
+    "admin": frozenset({READ_METRICS, WRITE_SETTINGS}),
+    "controller": frozenset({READ_METRICS}),
+    "curator": frozenset({READ_METRICS}),
+    "basic": frozenset(),
+}
+ROLES = tuple(ROLE_PERMISSIONS)
+
+
+class Unauthenticated(Exception):
+    """No usable token: 401."""
+
+
+class Forbidden(Exception):
+    """A valid token that may not do this: 403."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    subject: str
+    role: str
+    org_id: str | None
+
+    def require(self, permission: str, org_id: str) -> None:
+        if permission not in ROLE_PERMISSIONS.get(self.role, frozenset()):
+            raise Forbidden(f"role {self.role!r} lacks the permission {permission}")
+        if self.role == "superadmin":
+            return
+        if self.org_id is None:
+            raise Forbidden("the token names no org_id")
+        if self.org_id != org_id:
+            raise Forbidden("the token's org may not read another org")
+
+
+class TokenVerifier:
+    def __init__(self, settings: Settings) -> None:
+        self.audience = settings.jwt_audience
+        self.issuer = settings.jwt_issuer
+        self.leeway = settings.jwt_leeway_seconds
+        self.key: Any = None
+        self.algorithm: str | None = None
+        if settings.jwt_public_key is not None:
+            pem = settings.jwt_public_key.get_secret_value().encode()
+            public = load_pem_public_key(pem)
+            if isinstance(public, rsa.RSAPublicKey):
+                self.algorithm = "RS256"
+            elif isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp256r1":
+                self.algorithm = "ES256"
+            else:
+                raise ValueError("JWT_PUBLIC_KEY must be an RSA or P-256 EC public key (PEM)")
+            self.key = public
+        elif settings.jwt_secret is not None:
+            self.algorithm = "HS256"
+            self.key = settings.jwt_secret.get_secret_value()
+
+    def verify(self, token: str) -> Principal:
+        if self.algorithm is None:
+            raise Unauthenticated("the server has no JWT key configured")
+        try:
+            claims = jwt.decode(
+                token,
+                self.key,
+                algorithms=[self.algorithm],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_aud": self.audience is not None,
+                    "verify_iss": self.issuer is not None,
+                },
+            )
+        except jwt.PyJWTError as err:
+            raise Unauthenticated(f"invalid token: {err}") from err
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise Unauthenticated("invalid token: 'sub' must be a non-empty string")
+        role = claims.get("role")
+        org = claims.get("org_id")
+        if not isinstance(role, str) or role not in ROLE_PERMISSIONS:
+            raise Forbidden(f"unknown role {role!r}")
+        if org is not None and not isinstance(org, str):
+            raise Forbidden("'org_id' must be a string")
+        return Principal(subject=sub, role=role, org_id=org)
+
+
+def issue_token(
+    settings: Settings,
+    *,
+    role: str,
+    org_id: str | None,
+    ttl_seconds: int,
+    subject: str = "local-user",
+    now: float,
+    private_key: str | None = None,
+) -> str:
+    """A token for local use (``usage-metrics token``, the demo, tests), signed with the
+    configured secret, or with ``private_key`` when the server is configured with a public key."""
+    claims: dict[str, Any] = {
+        "sub": subject,
+        "role": role,
+        "iat": int(now),
+        "exp": int(now) + ttl_seconds,
+    }
+    if org_id is not None:
+        claims["org_id"] = org_id
+    if settings.jwt_audience:
+        claims["aud"] = settings.jwt_audience
+    if settings.jwt_issuer:
+        claims["iss"] = settings.jwt_issuer
+    if private_key is not None:
+        verifier = TokenVerifier(settings)
+        return jwt.encode(claims, private_key, algorithm=verifier.algorithm or "RS256")
+    if settings.jwt_secret is None:
+        raise ValueError("set JWT_SECRET to sign tokens")
+    return jwt.encode(claims, settings.jwt_secret.get_secret_value(), algorithm="HS256")

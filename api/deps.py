@@ -1,0 +1,44 @@
+"""Dependencies of the routes: settings, the store and the caller, injected per request from the
+application's state (set up by the lifespan, or by a test), never from import-time globals."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api.auth import Principal, TokenVerifier, Unauthenticated
+from sketches.store import SketchStore
+from usage_metrics.config import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="A JWT: HS256 with JWT_SECRET, or RS256/ES256")
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_store(request: Request) -> SketchStore:
+    store: SketchStore = request.app.state.store
+    return store
+
+
+def get_verifier(request: Request) -> TokenVerifier:
+    verifier: TokenVerifier = request.app.state.verifier
+    return verifier
+
+
+def get_principal(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    verifier: Annotated[TokenVerifier, Depends(get_verifier)],
+) -> Principal:
+    if credentials is None:
+        raise Unauthenticated("missing bearer token")
+    return verifier.verify(credentials.credentials)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[SketchStore, Depends(get_store)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -1,0 +1,159 @@
+"""Replay: re-read a range of the topic into the store, then exit.
+
+Replay reads outside the consumer group (it assigns partitions itself), so it never moves the
+group's committed offsets and never records the store's applied offsets. Because every add is
+idempotent, replaying any range, any number of times, changes no count: it can only fill in what
+is missing.
+
+Where to stop is the end of each partition as it stood when replay began. ``end_offsets()`` says
+where that is on Apache Kafka; some brokers (Tansu, the test broker) answer it with the base
+offset of the last batch, so the stop point is also raised to the first high watermark a fetch
+response reports, which every broker gets right.
+
+Bad messages are counted but not dead-lettered again: the live consumer already did that.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from consumer.batch import Exclusion, Record
+from consumer.runner import BatchWriter, Clock, make_kafka_consumer, utc_now
+from sketches.store import SketchStore
+from usage_metrics.config import Settings
+
+log = logging.getLogger(__name__)
+
+StartKind = Literal["beginning", "timestamp", "offsets"]
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ReplayStart:
+    kind: StartKind
+    timestamp: datetime | None = None
+    offsets: dict[int, int] | None = None
+
+
+@dataclass
+class ReplayStats:
+    messages: int = 0
+    logins: int = 0
+    filtered: int = 0
+    excluded: int = 0
+    bad: int = 0
+
+
+def parse_offsets(text: str) -> dict[int, int]:
+    """``0:100,1:250`` to ``{0: 100, 1: 250}``."""
+    out: dict[int, int] = {}
+    for item in text.split(","):
+        part, sep, offset = item.strip().partition(":")
+        if not sep or not part.isdigit() or not offset.isdigit():
+            raise ValueError(f"expected PARTITION:OFFSET, got {item!r}")
+        out[int(part)] = int(offset)
+    return out
+
+
+async def _seek(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], start: ReplayStart
+) -> list[TopicPartition]:
+    if start.kind == "offsets":
+        assert start.offsets is not None
+        chosen = [tp for tp in tps if tp.partition in start.offsets]
+        unknown = set(start.offsets) - {tp.partition for tp in tps}
+        if unknown:
+            raise ValueError(f"the topic has no partition {sorted(unknown)}")
+        consumer.assign(chosen)
+        for tp in chosen:
+            consumer.seek(tp, start.offsets[tp.partition])
+        return chosen
+    consumer.assign(tps)
+    if start.kind == "beginning":
+        await consumer.seek_to_beginning(*tps)
+        return tps
+    assert start.timestamp is not None
+    found = await consumer.offsets_for_times(
+        {tp: int(start.timestamp.timestamp() * 1000) for tp in tps}
+    )
+    ends = await consumer.end_offsets(tps)
+    for tp in tps:
+        hit = found.get(tp)
+        consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+    return tps
+
+
+async def replay(
+    settings: Settings,
+    store: SketchStore,
+    start: ReplayStart,
+    *,
+    progress: Progress | None = None,
+    clock: Clock = utc_now,
+    excluded: Exclusion | None = None,
+    workspace_filter: Callable[[Record], bool] | None = None,
+) -> ReplayStats:
+    consumer = make_kafka_consumer(settings, group_id=None)
+    await consumer.start()
+    stats = ReplayStats()
+    try:
+        await consumer.topics()
+        parts = consumer.partitions_for_topic(settings.kafka_topic)
+        if not parts:
+            raise ValueError(f"topic {settings.kafka_topic!r} does not exist")
+        tps = await _seek(
+            consumer, [TopicPartition(settings.kafka_topic, p) for p in sorted(parts)], start
+        )
+        stop_at = await consumer.end_offsets(tps)
+        first = {tp: await consumer.position(tp) for tp in tps}
+        hw_seen: set[TopicPartition] = set()
+        total = sum(max(0, stop_at[tp] - first[tp]) for tp in tps)
+        writer = BatchWriter(settings, store, None, clock, excluded)
+        done = 0
+
+        async def finished() -> bool:
+            for tp in tps:
+                if await consumer.position(tp) < stop_at[tp]:
+                    return False
+            return True
+
+        while not await finished():
+            fetched = await consumer.getmany(
+                timeout_ms=500, max_records=settings.consumer_max_batch
+            )
+            for tp in fetched:
+                high = consumer.highwater(tp)
+                if tp not in hw_seen and high is not None:
+                    hw_seen.add(tp)
+                    if high > stop_at[tp]:
+                        total += high - stop_at[tp]
+                        stop_at[tp] = high
+            records = [
+                r for batch in fetched.values() for r in batch
+                if r.offset < stop_at[TopicPartition(r.topic, r.partition)]
+            ]
+            if workspace_filter is not None:
+                records = [r for r in records if workspace_filter(r)]
+            if records:
+                prepared = writer.prepare(records)
+                await writer.write(prepared, record_offsets=False)
+                stats.logins += prepared.logins
+                stats.filtered += prepared.filtered
+                stats.excluded += prepared.excluded
+                stats.bad += len(prepared.dead)
+            count = sum(len(b) for b in fetched.values())
+            stats.messages += count
+            done += count
+            if progress is not None:
+                progress(min(done, total), total)
+        log.info("replay done: %s", stats)
+        return stats
+    finally:
+        await consumer.stop()

@@ -1,0 +1,314 @@
+"""The group consumer: fetch a batch, write it to the store, dead-letter the bad, then commit.
+
+The loop is aiokafka's manual-commit pattern (``getmany`` batches, commit after processing, a
+rebalance listener, ``finally: stop()``), with three additions that make "nothing lost" hold:
+
+1. **The store decides where to resume.** After a batch's sketches, the same pipeline records the
+   next offset of each partition in Redis (``KeySpace.offsets``). Redis executes and logs one
+   connection's commands in order, so if an AOF loses its tail the offset record goes with the
+   writes it vouched for. On assignment the consumer seeks to the offsets the store holds; a
+   partition the store knows nothing of is read from the earliest retained offset, since a
+   metrics store should see all the history it can and adds are idempotent. Kafka's committed
+   offsets are still committed after each batch, for lag monitoring and tooling.
+2. **Redis down means wait, not skip.** A write that fails for want of Redis is retried with a
+   growing backoff, each attempt logged; nothing is committed or dead-lettered meanwhile.
+3. **A revocation waits for the batch in flight.** Processing holds a lock that
+   ``on_partitions_revoked`` also takes, so a rebalance never cuts a batch between its write and
+   its commit. A commit that still fails (the group moved on) is logged, not fatal: the new owner
+   re-reads from the store's offsets and the adds are idempotent.
+
+A consumer that stays alive but makes no progress while it has lag (aiokafka #1154) raises
+``ConsumerStalled`` after ``CONSUMER_STALL_TIMEOUT_S``, so that its supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import TopicPartition
+
+from consumer import metrics
+from consumer.batch import Exclusion, Prepared, Record, prepare
+from consumer.dlq import MAX_DLQ_REQUEST_BYTES, DeadLetters
+from consumer.events import Rules
+from sketches.errors import StoreUnavailable, UsageMetricsError
+from sketches.store import SketchStore
+from usage_metrics.config import Settings
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+class ConsumerStalled(UsageMetricsError):
+    """No progress for too long while there is lag: exit so a supervisor restarts us."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def rules_from(settings: Settings) -> Rules:
+    return Rules(
+        login_type=settings.login_metric_type,
+        retention_days=settings.retention_days,
+        max_bytes=settings.max_message_bytes,
+    )
+
+
+def make_kafka_consumer(settings: Settings, group_id: str | None) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        # Room for one oversized message per partition, so it can be dead-lettered.
+        max_partition_fetch_bytes=max(1024 * 1024, 2 * settings.max_message_bytes) + 65536,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+
+
+def make_dlq_producer(settings: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        acks="all",
+        linger_ms=5,
+        max_request_size=MAX_DLQ_REQUEST_BYTES,
+    )
+
+
+class BatchWriter:
+    """Writes prepared batches to the store and the dead-letter topic; shared by the group
+    consumer and replay, which differ only in how they pick offsets."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: SketchStore,
+        dead_letters: DeadLetters | None,
+        clock: Clock = utc_now,
+        excluded: Exclusion | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.dead_letters = dead_letters
+        self.rules = rules_from(settings)
+        self.clock = clock
+        self.excluded = excluded
+
+    def prepare(self, records: list[Record]) -> Prepared:
+        return prepare(records, self.rules, self.clock(), self.excluded)
+
+    async def write(
+        self,
+        prepared: Prepared,
+        record_offsets: bool,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> bool:
+        """Store the batch (retrying while Redis is away), then its dead letters.
+
+        Returns False when asked to stop before the store took the batch: the caller must then
+        not commit.
+        """
+        after: list[tuple[Any, ...]] = []
+        if record_offsets:
+            keys = self.store.keys
+            after = [
+                ("SET", keys.offsets(tp.topic, tp.partition), offset)
+                for tp, offset in prepared.next_offsets.items()
+            ]
+        backoff = 0.1
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                failed = await self.store.add(prepared.sketches, after)
+                break
+            except StoreUnavailable as err:
+                metrics.REDIS_ERRORS.inc()
+                if should_stop():
+                    log.warning("stopping with an unwritten batch (Redis unavailable: %s)", err)
+                    return False
+                log.warning(
+                    "store unavailable (attempt %d), retrying in %.1fs: %s", attempt, backoff, err
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.redis_retry_max_backoff_s)
+        metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - started)
+        for corrupt in failed:
+            metrics.CORRUPT_KEYS.inc()
+            log.error("sketch not updated, the key holds something else: %s", corrupt)
+        await self._send_dead_letters(prepared, should_stop)
+        metrics.EVENTS.labels("counted").inc(prepared.logins)
+        metrics.EVENTS.labels("filtered").inc(prepared.filtered)
+        metrics.EVENTS.labels("excluded").inc(prepared.excluded)
+        metrics.EVENTS.labels("dead_lettered").inc(len(prepared.dead))
+        return True
+
+    async def _send_dead_letters(self, prepared: Prepared, should_stop: Callable[[], bool]) -> None:
+        if self.dead_letters is None or not prepared.dead:
+            return
+        backoff = 0.1
+        while True:
+            try:
+                await self.dead_letters.send(prepared.dead)
+                return
+            except KafkaError as err:
+                log.warning("dead-letter topic unavailable, retrying in %.1fs: %s", backoff, err)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.redis_retry_max_backoff_s)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: GroupConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Wait for the batch in flight: it commits before the partitions move.
+        async with self.owner.lock:
+            log.info("partitions revoked: %s", sorted(str(tp) for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.owner.seek_to_store_offsets(assigned)
+
+
+class GroupConsumer:
+    def __init__(
+        self,
+        settings: Settings,
+        store: SketchStore,
+        *,
+        clock: Clock = utc_now,
+        excluded: Exclusion | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.excluded = excluded
+        self.lock = asyncio.Lock()
+        self.consumer: AIOKafkaConsumer | None = None
+        self.last_progress = time.monotonic()
+        self.batches = 0
+        self.ready = False
+
+    async def seek_to_store_offsets(self, assigned: set[TopicPartition]) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        if not assigned:
+            return
+        tps = sorted(assigned)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                values = await self.store.applied_offsets([(tp.topic, tp.partition) for tp in tps])
+                break
+            except StoreUnavailable as err:
+                log.warning("cannot read stored offsets (attempt %d), retrying: %s", attempt, err)
+                await asyncio.sleep(min(0.1 * 2**attempt, self.settings.redis_retry_max_backoff_s))
+        fresh = []
+        for tp, value in zip(tps, values, strict=True):
+            if value is None:
+                fresh.append(tp)
+            else:
+                consumer.seek(tp, value)
+                log.info("partition %s resumes at stored offset %d", tp, value)
+        if fresh:
+            log.info(
+                "the store holds no offset for %s: reading from the earliest retained offset",
+                sorted(str(tp) for tp in fresh),
+            )
+            await consumer.seek_to_beginning(*fresh)
+        self.last_progress = time.monotonic()
+
+    async def lag(self) -> dict[TopicPartition, int]:
+        """Messages between our position and the high watermark of each assigned partition (the
+        watermark comes with every fetch response, so this needs no extra request)."""
+        consumer = self.consumer
+        if consumer is None:
+            return {}
+        out: dict[TopicPartition, int] = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = await asyncio.wait_for(consumer.position(tp), 1.0)
+            except (TimeoutError, KafkaError, AssertionError):
+                continue
+            out[tp] = max(0, high - position)
+        return out
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self.settings
+        consumer = make_kafka_consumer(settings, settings.kafka_group_id)
+        producer = make_dlq_producer(settings)
+        self.consumer = consumer
+        writer = BatchWriter(
+            settings, self.store, DeadLetters(producer, settings.kafka_dlq_topic),
+            self.clock, self.excluded,
+        )
+        await producer.start()
+        try:
+            await consumer.start()
+            consumer.subscribe([settings.kafka_topic], listener=_Listener(self))
+            self.ready = True
+            log.info(
+                "consuming %s as group %s into %s (%s mode)",
+                settings.kafka_topic, settings.kafka_group_id,
+                settings.redis_url_redacted(), settings.sketch_mode,
+            )
+            while not stop.is_set():
+                fetched: Mapping[TopicPartition, list[Record]] = await consumer.getmany(
+                    timeout_ms=settings.consumer_fetch_timeout_ms,
+                    max_records=settings.consumer_max_batch,
+                )
+                if fetched:
+                    await self._process(consumer, writer, fetched, stop)
+                await self._watch_progress()
+        finally:
+            self.ready = False
+            await consumer.stop()
+            await producer.stop()
+            log.info("consumer stopped after %d batches", self.batches)
+
+    async def _process(
+        self,
+        consumer: AIOKafkaConsumer,
+        writer: BatchWriter,
+        fetched: Mapping[TopicPartition, list[Record]],
+        stop: asyncio.Event,
+    ) -> None:
+        async with self.lock:
+            records = [r for batch in fetched.values() for r in batch]
+            prepared = writer.prepare(records)
+            if not await writer.write(prepared, record_offsets=True, should_stop=stop.is_set):
+                return
+            try:
+                await consumer.commit(dict(prepared.next_offsets))
+            except CommitFailedError as err:
+                log.warning("commit refused after a rebalance (the store has the batch): %s", err)
+            self.batches += 1
+            self.last_progress = time.monotonic()
+            for tp, lag in (await self.lag()).items():
+                metrics.LAG.labels(tp.topic, str(tp.partition)).set(lag)
+
+    async def _watch_progress(self) -> None:
+        lag = await self.lag()
+        if not lag or max(lag.values()) == 0:
+            self.last_progress = time.monotonic()
+            return
+        idle = time.monotonic() - self.last_progress
+        if idle > self.settings.consumer_stall_timeout_s:
+            raise ConsumerStalled(
+                f"no progress for {idle:.0f}s while lag is {sum(lag.values())}: "
+                "exiting so a supervisor restarts the consumer"
+            )

@@ -1,0 +1,33 @@
+"""One exception root, so that callers can tell the service's own failures from bugs.
+
+Adapters map these to their world: the API turns ``StoreUnavailable`` into a 503 and
+``CorruptSketch`` into a clear per-workspace error; the consumer retries ``StoreUnavailable``
+without committing, dead-letters ``BadMessage`` and logs ``CorruptSketch`` with the key.
+"""
+
+from __future__ import annotations
+
+
+class UsageMetricsError(Exception):
+    """Root of every error this service raises on purpose."""
+
+
+class StoreUnavailable(UsageMetricsError):
+    """Redis did not answer (refused, timed out, loading, read-only replica, cluster down)."""
+
+
+class CorruptSketch(UsageMetricsError):
+    """A key holds something that is not a sketch of this mode (wrong type or a damaged value)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"unreadable sketch at {key!r}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class BadMessage(UsageMetricsError):
+    """A Kafka message that can never be counted; it goes to the dead-letter topic."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

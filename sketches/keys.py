@@ -1,0 +1,82 @@
+"""Every Redis key the service writes, built in one place.
+
+Layout: ``<prefix>:{<org>:<workspace>}:<mode>:<granularity>:<label>``, for example
+``um:{acme:ws-1}:hll:w:2026-W53``.
+
+- The braces are a Redis Cluster hash tag: every key of one workspace hashes to one slot, so a
+  pipeline, a multi-key ``PFCOUNT`` or an ``MGET`` over a workspace never fails with ``CROSSSLOT``.
+- Ids may hold any characters (``:``, ``{``, ``}``, ``/``, spaces, unicode). Each id is
+  percent-encoded over UTF-8 with nothing but ``A-Z a-z 0-9 _ . - ~`` left as is. That encoding is
+  one-to-one and never emits ``:``, ``{`` or ``}``, so the ``:`` between org and workspace is
+  unambiguous (``("a:b", "c")`` and ``("a", "b:c")`` get different keys) and an id can never
+  close the hash tag early.
+- The mode is part of the key: a set and a HyperLogLog can never meet under one name, so switching
+  ``SKETCH_MODE`` starts empty instead of failing with ``WRONGTYPE``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import quote, unquote
+
+from sketches.periods import Period
+
+MAX_ORG_ID = 128
+MAX_WORKSPACE_ID = 128
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Workspace:
+    org_id: str
+    workspace_id: str
+
+
+def encode_id(raw: str) -> str:
+    return quote(raw, safe="", errors="strict")
+
+
+def decode_id(encoded: str) -> str:
+    return unquote(encoded, errors="strict")
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    prefix: str
+    mode: Literal["hll", "exact"]
+
+    def hash_tag(self, ws: Workspace) -> str:
+        return "{" + encode_id(ws.org_id) + ":" + encode_id(ws.workspace_id) + "}"
+
+    def workspace_prefix(self, ws: Workspace) -> str:
+        """Everything of one workspace starts with this (used to scan or delete it)."""
+        return f"{self.prefix}:{self.hash_tag(ws)}:"
+
+    def sketch(self, ws: Workspace, period: Period) -> str:
+        kind = "hll" if self.mode == "hll" else "set"
+        return f"{self.workspace_prefix(ws)}{kind}:{period.granularity.value}:{period.label}"
+
+    def settings(self, ws: Workspace) -> str:
+        return f"{self.workspace_prefix(ws)}settings"
+
+    def offsets(self, topic: str, partition: int) -> str:
+        """How far the store has applied one partition (the next offset to read).
+
+        Written in the same pipeline as the batch's sketches, after them: Redis applies and logs
+        a connection's commands in order, so a surviving record proves the writes before it
+        survived. The hash tag is the partition, so each record sits in one cluster slot.
+        """
+        return f"{self.prefix}:offsets:{self.mode}:{{{encode_id(topic)}:{partition}}}"
+
+    def invalidations(self) -> str:
+        """The channel the consumer publishes written buckets on, for API result caches."""
+        return f"{self.prefix}:invalidate"
+
+    def parse_workspace(self, key: str) -> Workspace:
+        """The workspace of one of this keyspace's workspace keys (inverse of hash_tag)."""
+        head = f"{self.prefix}:{{"
+        if not key.startswith(head):
+            raise ValueError(f"not a key of prefix {self.prefix!r}: {key!r}")
+        tag = key[len(head) : key.index("}", len(head))]
+        org, ws = tag.split(":")
+        return Workspace(decode_id(org), decode_id(ws))

@@ -1,0 +1,117 @@
+"""Calendar periods: the UTC day, the ISO week and the calendar month that hold a login.
+
+Every login is added to three sketches, one per period that holds its day, so that the API can
+answer DAU, calendar WAU and calendar MAU with one single-key count each. A week is named by its
+ISO year, not by the calendar year of its days: 2024-12-30 belongs to 2025-W01 and 2027-01-01 to
+2026-W53. Naming a week by ``date.year`` (bitmapist's bug, fixed in its PR #86) splits one week into
+two keys at every year end, so this module is the only place that turns a date into a week name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from enum import StrEnum
+
+ONE_DAY = timedelta(days=1)
+
+
+class Granularity(StrEnum):
+    DAY = "d"
+    WEEK = "w"
+    MONTH = "m"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Period:
+    """A closed range of days named by its granularity and first day."""
+
+    granularity: Granularity
+    start: date
+
+    @property
+    def end(self) -> date:
+        if self.granularity is Granularity.DAY:
+            return self.start
+        if self.granularity is Granularity.WEEK:
+            return self.start + timedelta(days=6)
+        return next_month_start(self.start) - ONE_DAY
+
+    @property
+    def label(self) -> str:
+        """The name used in keys: ``2026-11-24``, ``2026-W53`` (ISO year), ``2026-11``."""
+        if self.granularity is Granularity.DAY:
+            return self.start.isoformat()
+        if self.granularity is Granularity.WEEK:
+            iso = self.start.isocalendar()
+            return f"{iso.year:04d}-W{iso.week:02d}"
+        return f"{self.start.year:04d}-{self.start.month:02d}"
+
+    def days(self) -> Iterator[date]:
+        d = self.start
+        while d <= self.end:
+            yield d
+            d += ONE_DAY
+
+    def previous(self) -> Period:
+        return period_of(self.granularity, self.start - ONE_DAY)
+
+    def next(self) -> Period:
+        return period_of(self.granularity, self.end + ONE_DAY)
+
+
+def next_month_start(d: date) -> date:
+    return date(d.year + 1, 1, 1) if d.month == 12 else date(d.year, d.month + 1, 1)
+
+
+def day_of(d: date) -> Period:
+    return Period(Granularity.DAY, d)
+
+
+def week_of(d: date) -> Period:
+    return Period(Granularity.WEEK, d - timedelta(days=d.weekday()))
+
+
+def month_of(d: date) -> Period:
+    return Period(Granularity.MONTH, d.replace(day=1))
+
+
+def period_of(granularity: Granularity, d: date) -> Period:
+    if granularity is Granularity.DAY:
+        return day_of(d)
+    if granularity is Granularity.WEEK:
+        return week_of(d)
+    return month_of(d)
+
+
+def periods_holding(d: date) -> tuple[Period, Period, Period]:
+    """The day, ISO week and month a login on ``d`` is counted in."""
+    return day_of(d), week_of(d), month_of(d)
+
+
+def periods_between(granularity: Granularity, first: date, last: date) -> list[Period]:
+    """Every period of one granularity that holds a day of ``first..last``, oldest first."""
+    out: list[Period] = []
+    if last < first:
+        return out
+    p = period_of(granularity, first)
+    while p.start <= last:
+        out.append(p)
+        p = p.next()
+    return out
+
+
+def utc_date(moment: datetime) -> date:
+    """The UTC calendar day of an aware moment; a naive datetime is a bug, not a guess."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("naive datetime: a moment needs a timezone to have a day")
+    return moment.astimezone(UTC).date()
+
+
+def utc_today() -> date:
+    return datetime.now(UTC).date()
+
+
+def date_range(first: date, last: date) -> list[date]:
+    return [first + timedelta(days=i) for i in range((last - first).days + 1)]

@@ -1,0 +1,170 @@
+"""The ``usage-metrics`` command: consume, api, replay, rebuild, token, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+
+from usage_metrics.config import Settings
+from usage_metrics.logs import setup_logging
+
+log = logging.getLogger("usage_metrics")
+
+
+def _install_stop(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _consume(settings: Settings) -> int:
+    from consumer.health import serve_health
+    from consumer.runner import ConsumerStalled, GroupConsumer
+    from usage_metrics.wiring import open_store
+
+    stop = asyncio.Event()
+    _install_stop(stop)
+    async with open_store(settings) as store:
+        group = GroupConsumer(settings, store)
+        health = None
+        if settings.consumer_health_port is not None:
+            health = await serve_health(group, settings.consumer_health_port)
+        try:
+            await group.run(stop)
+        except ConsumerStalled as err:
+            log.error("%s", err)
+            return 3
+        finally:
+            if health is not None:
+                health.close()
+    return 0
+
+
+def _parse_when(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError("give a zone, e.g. 2026-11-01T00:00:00Z")
+    return moment
+
+
+async def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from consumer.replay import ReplayStart, parse_offsets, replay
+    from usage_metrics.wiring import open_store
+
+    if args.from_beginning:
+        start = ReplayStart("beginning")
+    elif args.from_timestamp is not None:
+        start = ReplayStart("timestamp", timestamp=args.from_timestamp)
+    else:
+        start = ReplayStart("offsets", offsets=parse_offsets(args.from_offsets))
+    with Progress(
+        TextColumn("replay {task.fields[topic]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ) as bar:
+        task = bar.add_task("replay", total=None, topic=settings.kafka_topic)
+
+        def report(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        async with open_store(settings) as store:
+            stats = await replay(settings, store, start, progress=report)
+    sys.stdout.write(
+        f"replayed {stats.messages} messages: {stats.logins} logins, {stats.filtered} filtered, "
+        f"{stats.excluded} excluded, {stats.bad} bad (not re-dead-lettered)\n"
+    )
+    return 0
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    from api.auth import ROLES, issue_token
+
+    if args.role not in ROLES:
+        sys.stderr.write(f"unknown role {args.role!r}; one of {', '.join(ROLES)}\n")
+        return 2
+    if settings.jwt_secret is None:
+        sys.stderr.write("set JWT_SECRET to sign tokens\n")
+        return 2
+    token = issue_token(
+        settings, role=args.role, org_id=args.org, ttl_seconds=args.ttl, now=time.time()
+    )
+    sys.stdout.write(token + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="usage-metrics",
+        description="DAU/WAU/MAU per workspace from Kafka login events (settings: environment)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("consume", help="run the consumer in KAFKA_GROUP_ID until stopped")
+    api = sub.add_parser("api", help="serve the HTTP API")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    rp = sub.add_parser("replay", help="re-read the topic from a point into the store, then exit")
+    where = rp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--from-beginning", action="store_true")
+    where.add_argument("--from-timestamp", type=_parse_when, metavar="ISO")
+    where.add_argument("--from-offsets", metavar="P:O,...")
+    tok = sub.add_parser("token", help="print a signed JWT for local use")
+    tok.add_argument("--role", required=True)
+    tok.add_argument("--org")
+    tok.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+    demo = sub.add_parser("demo", help="run everything locally with synthetic logins")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--days", type=int, default=42, help="days of synthetic history")
+    demo.add_argument(
+        "--exit-when-ready", action="store_true", help="exit once the curl line is printed"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    setup_logging(settings)
+    if args.command == "consume":
+        return asyncio.run(_consume(settings))
+    if args.command == "api":
+        import uvicorn
+
+        from api.app import create_app
+
+        uvicorn.run(
+            create_app(settings), host=args.host, port=args.port, log_config=None,
+            proxy_headers=False,
+        )
+        return 0
+    if args.command == "replay":
+        return asyncio.run(_replay(settings, args))
+    if args.command == "token":
+        return _token(settings, args)
+    if args.command == "demo":
+        from usage_metrics.demo import run_demo
+
+        return asyncio.run(run_demo(args.port, args.days, args.exit_when_ready))
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""One settings object for every process, read from the environment (or a ``.env`` file).
+
+Names follow the contract (section 5). Secrets are ``SecretStr`` so that a settings object that
+ends up in a log line or a traceback prints ``**********`` instead of the key.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sketches.keys import KeySpace
+
+SketchMode = Literal["hll", "exact"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_topic: str = "metrics"
+    kafka_dlq_topic: str = "metrics.dlq"
+    kafka_group_id: str = "usage-metrics"
+
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+    redis_cluster: bool = False
+    # Every Redis key starts with this; tests give each test its own so they share one server.
+    redis_key_prefix: str = Field(default="um", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+
+    sketch_mode: SketchMode = "hll"
+    login_metric_type: str = "login"
+    retention_days: int = Field(default=800, ge=31)
+    max_period_length: int = Field(default=730, ge=0)
+
+    jwt_secret: SecretStr | None = None
+    jwt_public_key: SecretStr | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # Clock skew allowed on exp/nbf/iat, in seconds.
+    jwt_leeway_seconds: int = Field(default=30, ge=0, le=600)
+
+    # Consumer tuning. A batch is one getmany() call: one Redis pipeline and one commit.
+    consumer_max_batch: int = Field(default=20_000, ge=1)
+    consumer_fetch_timeout_ms: int = Field(default=500, ge=1)
+    # A value larger than this is dead-lettered unread: a login event is a few hundred bytes.
+    max_message_bytes: int = Field(default=65_536, ge=256)
+    # Redis write retries back off from 0.1 s up to this many seconds between attempts.
+    redis_retry_max_backoff_s: float = Field(default=5.0, gt=0)
+    # The consumer reports unhealthy and exits when it makes no progress while lag stays > 0
+    # for this long (a consumer that is alive but never rejoins is worse than a restart).
+    consumer_stall_timeout_s: float = Field(default=300.0, gt=0)
+    consumer_health_port: int | None = None
+
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @cached_property
+    def keyspace(self) -> KeySpace:
+        return KeySpace(self.redis_key_prefix, self.sketch_mode)
+
+    def redis_url_redacted(self) -> str:
+        """The Redis URL without its password, for logs."""
+        parts = urlsplit(self.redis_url.get_secret_value())
+        if parts.password is None:
+            return urlunsplit(parts)
+        netloc = f"{parts.username or ''}:***@{parts.hostname}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))

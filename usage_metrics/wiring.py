@@ -1,0 +1,49 @@
+"""Building clients from settings. Nothing here runs at import time: each process opens its own
+Redis client when it starts and closes it when it stops, and tests inject theirs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sketches.store import RedisClient, RollingStrategy, SketchStore, make_store
+from usage_metrics.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def make_redis(settings: Settings) -> RedisClient:
+    """A client that fails fast (so the API can answer 503 instead of hanging) and retries a
+    dropped connection a few times before giving up on a command."""
+    url = settings.redis_url.get_secret_value()
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2)
+    errors: list[type[Exception]] = [RedisConnectionError, RedisTimeoutError]
+    if settings.redis_cluster:
+        log.info("connecting to Redis Cluster via %s", settings.redis_url_redacted())
+        return RedisCluster.from_url(
+            url, socket_connect_timeout=2.0, socket_timeout=5.0, retry=retry,
+            retry_on_error=errors,
+        )
+    return Redis.from_url(
+        url, socket_connect_timeout=2.0, socket_timeout=5.0, retry=retry,
+        retry_on_error=errors, health_check_interval=30,
+    )
+
+
+@asynccontextmanager
+async def open_store(
+    settings: Settings, rolling: RollingStrategy = "client"
+) -> AsyncIterator[SketchStore]:
+    client = make_redis(settings)
+    try:
+        yield make_store(client, settings.keyspace, settings.retention_days, rolling)
+    finally:
+        await client.aclose()
