@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -43,6 +44,10 @@ from sketches.store import SketchStore
 from usage_metrics.config import Settings
 
 log = logging.getLogger(__name__)
+
+# Fault injection for the crash tests: with USAGE_METRICS_FAULT=exit-after-write the process dies
+# (os._exit, no cleanup, like SIGKILL) after a batch is stored and before its offsets are committed.
+FAULT_ENV = "USAGE_METRICS_FAULT"
 
 Clock = Callable[[], datetime]
 
@@ -72,6 +77,8 @@ def make_kafka_consumer(settings: Settings, group_id: str | None) -> AIOKafkaCon
         # Room for one oversized message per partition, so it can be dead-lettered.
         max_partition_fetch_bytes=max(1024 * 1024, 2 * settings.max_message_bytes) + 65536,
         fetch_max_bytes=64 * 1024 * 1024,
+        session_timeout_ms=settings.consumer_session_timeout_ms,
+        heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
     )
 
 
@@ -198,6 +205,7 @@ class GroupConsumer:
         self.last_progress = time.monotonic()
         self.batches = 0
         self.ready = False
+        self._fault = os.environ.get(FAULT_ENV)
 
     async def seek_to_store_offsets(self, assigned: set[TopicPartition]) -> None:
         consumer = self.consumer
@@ -215,12 +223,21 @@ class GroupConsumer:
                 log.warning("cannot read stored offsets (attempt %d), retrying: %s", attempt, err)
                 await asyncio.sleep(min(0.1 * 2**attempt, self.settings.redis_retry_max_backoff_s))
         fresh = []
+        known: dict[TopicPartition, int] = {}
         for tp, value in zip(tps, values, strict=True):
             if value is None:
                 fresh.append(tp)
             else:
                 consumer.seek(tp, value)
+                known[tp] = value
                 log.info("partition %s resumes at stored offset %d", tp, value)
+        if known:
+            # Bring Kafka's committed offsets up to what the store holds (a crash between write
+            # and commit leaves them behind), so that lag seen by Kafka tools is true.
+            try:
+                await consumer.commit(known)
+            except KafkaError as err:
+                log.warning("could not commit the store's offsets on assignment: %s", err)
         if fresh:
             log.info(
                 "the store holds no offset for %s: reading from the earliest retained offset",
@@ -292,6 +309,9 @@ class GroupConsumer:
             prepared = writer.prepare(records)
             if not await writer.write(prepared, record_offsets=True, should_stop=stop.is_set):
                 return
+            if self._fault == "exit-after-write":
+                log.error("fault injection: exiting between store write and commit")
+                os._exit(137)
             try:
                 await consumer.commit(dict(prepared.next_offsets))
             except CommitFailedError as err:

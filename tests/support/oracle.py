@@ -1,0 +1,75 @@
+"""An independent, naive computation of the endpoint's rows from raw events: the oracle.
+
+It shares no code with ``sketches/`` beyond the ``Workspace`` value type: weeks come from
+``date.isocalendar()``, windows from plain set unions, so a bug in the service's period math or
+fill logic cannot hide in both places.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import date, timedelta
+
+from sketches.keys import Workspace
+
+Event = tuple[Workspace, str, date]
+
+
+class Oracle:
+    def __init__(self, events: Iterable[Event] = ()) -> None:
+        self.days: dict[Workspace, dict[date, set[str]]] = defaultdict(lambda: defaultdict(set))
+        for ws, subject, day in events:
+            self.add(ws, subject, day)
+
+    def add(self, ws: Workspace, subject: str, day: date) -> None:
+        self.days[ws][day].add(subject)
+
+    def _union(self, ws: Workspace, days: Iterable[date]) -> set[str]:
+        out: set[str] = set()
+        per_day = self.days.get(ws, {})
+        for d in days:
+            out |= per_day.get(d, set())
+        return out
+
+    def dau(self, ws: Workspace, d: date) -> int | None:
+        return len(self._union(ws, [d])) or None
+
+    def week_days(self, d: date) -> list[date]:
+        monday = d - timedelta(days=d.isocalendar().weekday - 1)
+        return [monday + timedelta(days=i) for i in range(7)]
+
+    def month_days(self, d: date) -> list[date]:
+        first = d.replace(day=1)
+        out, cur = [], first
+        while cur.month == first.month:
+            out.append(cur)
+            cur += timedelta(days=1)
+        return out
+
+    def _filled(self, ws: Workspace, d: date, span: str) -> int | None:
+        """The period's count, else the previous day's value, back to the first data."""
+        oldest = min(self.days.get(ws, {d: set()}), default=d)
+        cur = d
+        while True:
+            days = self.week_days(cur) if span == "week" else self.month_days(cur)
+            if days[-1] < oldest:
+                return None
+            n = len(self._union(ws, days))
+            if n:
+                return n
+            cur = days[0] - timedelta(days=1)
+
+    def rows(
+        self, ws: Workspace, end: date, period_length: int, window: str = "calendar"
+    ) -> list[dict[str, object]]:
+        out = []
+        for i in range(period_length, -1, -1):
+            d = end - timedelta(days=i)
+            if window == "calendar":
+                wau, mau = self._filled(ws, d, "week"), self._filled(ws, d, "month")
+            else:
+                wau = len(self._union(ws, [d - timedelta(days=k) for k in range(7)])) or None
+                mau = len(self._union(ws, [d - timedelta(days=k) for k in range(30)])) or None
+            out.append({"date": d.isoformat(), "dau": self.dau(ws, d), "wau": wau, "mau": mau})
+        return out

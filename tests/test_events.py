@@ -1,0 +1,145 @@
+"""Parsing and validating messages: every rule of contract section 1."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, date, datetime
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from consumer.events import Login, Rules, parse
+from sketches.errors import BadMessage
+from sketches.keys import Workspace
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+RULES = Rules(login_type="login", retention_days=800, max_bytes=65536)
+
+
+def msg(**overrides: Any) -> bytes:
+    base: dict[str, Any] = {
+        "metric_type": "login",
+        "subject": "member_42",
+        "org_id": "acme",
+        "workspace_id": "ws-1",
+        "timestamp": "2026-11-24T08:15:00Z",
+    }
+    base.update(overrides)
+    return orjson.dumps({k: v for k, v in base.items() if v is not ...})
+
+
+def test_a_login_is_parsed_to_its_utc_day() -> None:
+    want = Login(Workspace("acme", "ws-1"), "member_42", date(2026, 11, 24))
+    assert parse(msg(), RULES, NOW) == want
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "day"),
+    [
+        ("2026-11-24T08:15:00Z", date(2026, 11, 24)),
+        ("2026-11-24T01:30:00+02:00", date(2026, 11, 23)),
+        ("2026-11-24T23:30:00-05:00", date(2026, 11, 25)),
+        ("2026-11-24T23:59:59.999999+00:00", date(2026, 11, 24)),
+        (1795478400, date(2026, 11, 24)),  # epoch seconds of 2026-11-24T00:00Z
+        (1795478399.5, date(2026, 11, 23)),
+        (1795478400000, date(2026, 11, 24)),  # epoch milliseconds (>= 1e12)
+        (1795564799999, date(2026, 11, 24)),
+    ],
+)
+def test_every_timestamp_form(timestamp: Any, day: date) -> None:
+    login = parse(msg(timestamp=timestamp), RULES, NOW)
+    assert login is not None
+    assert login.day == day
+
+
+def test_event_time_not_arrival_time_decides_the_day() -> None:
+    late = parse(msg(timestamp="2025-01-01T00:00:00Z"), RULES, NOW)
+    assert late is not None
+    assert late.day == date(2025, 1, 1)
+
+
+def test_other_metric_types_are_filtered_whatever_else_they_hold() -> None:
+    assert parse(msg(metric_type="page_view"), RULES, NOW) is None
+    assert parse(msg(metric_type="page_view", subject="", timestamp="junk"), RULES, NOW) is None
+    assert parse(orjson.dumps({"metric_type": "logout"}), RULES, NOW) is None
+    custom = Rules(login_type="METRIC_TYPE_LOGIN", retention_days=800, max_bytes=65536)
+    assert parse(msg(metric_type="METRIC_TYPE_LOGIN"), custom, NOW) is not None
+    assert parse(msg(), custom, NOW) is None
+
+
+def test_unknown_fields_are_ignored() -> None:
+    assert parse(msg(extra={"deep": [1, 2]}, ip="10.0.0.1"), RULES, NOW) is not None
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"[1, 2]", "not an object"),
+        (b'"login"', "not an object"),
+        (b"", "not valid JSON"),
+        (None, "no value"),
+        (msg(metric_type=...), "missing field 'metric_type'"),
+        (msg(metric_type=7), "'metric_type' must be a string"),
+        (msg(subject=...), "missing field 'subject'"),
+        (msg(subject=""), "'subject' is empty"),
+        (msg(subject=12), "'subject' must be a string"),
+        (msg(subject="x" * 257), "at most 256"),
+        (msg(org_id=...), "missing field 'org_id'"),
+        (msg(org_id=""), "'org_id' is empty"),
+        (msg(org_id="o" * 129), "at most 128"),
+        (msg(workspace_id=None), "'workspace_id' must be a string"),
+        (msg(workspace_id="w" * 129), "at most 128"),
+        (msg(timestamp=...), "missing field 'timestamp'"),
+        (msg(timestamp="2026-11-24T08:15:00"), "has no zone"),
+        (msg(timestamp="2026-11-24"), "has no zone"),
+        (msg(timestamp="yesterday"), "not ISO-8601"),
+        (msg(timestamp=True), "got bool"),
+        (msg(timestamp=[1]), "got list"),
+        (msg(timestamp="2024-01-01T00:00:00Z"), "older than the retention"),
+        (msg(timestamp="2026-11-26T12:00:01Z"), "more than 1 day in the future"),
+        (msg(timestamp=1e20), "out of range"),
+        (b'{"pad": "' + b"x" * 70000 + b'"}', "over the limit"),
+    ],
+)
+def test_bad_messages_say_why(value: bytes | None, reason: str) -> None:
+    with pytest.raises(BadMessage, match=reason):
+        parse(value, RULES, NOW)
+
+
+def test_limits_are_inclusive() -> None:
+    assert parse(msg(subject="s" * 256, org_id="o" * 128, workspace_id="w" * 128), RULES, NOW)
+    assert parse(msg(timestamp="2026-11-26T12:00:00Z"), RULES, NOW)
+
+
+def test_ids_may_hold_any_characters() -> None:
+    login = parse(msg(org_id="a:b{c}/d e", workspace_id="ワーク"), RULES, NOW)
+    assert login is not None
+    assert login.workspace == Workspace("a:b{c}/d e", "ワーク")
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_escape_as_another_error(value: bytes) -> None:
+    with contextlib.suppress(BadMessage):
+        parse(value, RULES, NOW)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["metric_type", "subject", "org_id", "workspace_id", "timestamp", "x"]),
+        st.one_of(
+            st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(),
+            st.text(max_size=20),
+        ),
+    )
+)
+def test_arbitrary_objects_are_a_login_none_or_a_bad_message(obj: dict[str, Any]) -> None:
+    try:
+        out = parse(orjson.dumps(obj), RULES, NOW)
+    except BadMessage:
+        return
+    assert out is None or isinstance(out, Login)

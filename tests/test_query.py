@@ -1,0 +1,173 @@
+"""The query semantics against a real Redis, in both sketch modes, checked against the oracle."""
+
+from __future__ import annotations
+
+import random
+from datetime import date, timedelta
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
+
+from sketches.errors import CorruptSketch
+from sketches.keys import Workspace
+from sketches.periods import day_of, month_of, periods_holding, week_of
+from sketches.query import Metric, Window, usage
+from sketches.store import SketchStore, expire_at
+from tests.support.compare import assert_rows_match, rows_as_dicts
+from tests.support.oracle import Oracle
+
+WS = Workspace("acme", "ws-1")
+HORIZON = date(2024, 1, 1)
+
+
+async def add_logins(store: SketchStore, events: list[tuple[Workspace, str, date]]) -> None:
+    batch: dict = {}
+    for ws, subject, d in events:
+        for p in periods_holding(d):
+            batch.setdefault((ws, p), set()).add(subject)
+    await store.add(batch)
+
+
+async def rows(store: SketchStore, ws: Workspace, end: date, n: int, window: str = "calendar",
+               metrics: frozenset[Metric] = frozenset(Metric)) -> list[dict]:
+    got = await usage(store, ws, end=end, period_length=n, metrics=metrics,
+                      window=Window(window), horizon=HORIZON)
+    return rows_as_dicts(got)
+
+
+async def test_calendar_rows_match_the_oracle(store: SketchStore, sketch_mode: str) -> None:
+    rng = random.Random(1)
+    events = [
+        (WS, f"u{rng.randrange(300)}", date(2026, 9, 1) + timedelta(days=rng.randrange(80)))
+        for _ in range(3000)
+    ]
+    await add_logins(store, events)
+    oracle = Oracle(events)
+    for window in ("calendar", "rolling"):
+        got = await rows(store, WS, date(2026, 11, 24), 100, window)
+        assert_rows_match(got, oracle.rows(WS, date(2026, 11, 24), 100, window), sketch_mode)
+
+
+async def test_forward_fill_across_empty_weeks_and_months(store: SketchStore) -> None:
+    # Logins only in week 2026-W40 (Sep 28..Oct 4) and on 2026-11-20.
+    await add_logins(store, [(WS, "a", date(2026, 9, 29)), (WS, "b", date(2026, 10, 2)),
+                             (WS, "c", date(2026, 11, 20))])
+    got = {r["date"]: r for r in await rows(store, WS, date(2026, 11, 24), 90)}
+    assert got["2026-09-28"]["wau"] == 2  # the whole ISO week, Monday included
+    assert got["2026-09-28"]["mau"] == 1  # September holds only "a"
+    assert got["2026-10-05"]["wau"] == 2  # empty week inherits the previous day's value
+    assert got["2026-11-16"]["wau"] == 1  # week of Nov 20 has its own count
+    assert got["2026-11-24"]["wau"] == 1  # the current, empty week inherits
+    assert got["2026-10-31"]["mau"] == 1  # October: "b" only
+    assert got["2026-11-01"]["mau"] == 1  # November: "c"
+    assert got["2026-10-05"]["dau"] is None  # dau is never filled
+    assert got["2026-09-26"]["wau"] is None  # before any data at all: null
+    assert got["2026-09-26"]["mau"] == 1  # the whole month holds "a"
+    assert got["2026-08-31"]["mau"] is None
+
+
+async def test_fill_reaches_back_before_the_first_row(store: SketchStore) -> None:
+    await add_logins(store, [(WS, f"u{i}", date(2026, 8, 3)) for i in range(5)])
+    got = await rows(store, WS, date(2026, 11, 24), 0)
+    assert got == [{"date": "2026-11-24", "dau": None, "wau": 5, "mau": 5}]
+
+
+async def test_week_across_year_end_is_one_calendar_week(store: SketchStore) -> None:
+    await add_logins(store, [(WS, "a", date(2026, 12, 29)), (WS, "b", date(2027, 1, 2))])
+    got = {r["date"]: r for r in await rows(store, WS, date(2027, 1, 3), 7)}
+    assert got["2026-12-28"]["wau"] == 2
+    assert got["2027-01-01"]["wau"] == 2
+    assert got["2027-01-03"]["wau"] == 2
+    assert got["2026-12-31"]["mau"] == 1
+    assert got["2027-01-01"]["mau"] == 1
+
+
+async def test_rolling_windows(store: SketchStore) -> None:
+    await add_logins(store, [(WS, "a", date(2026, 11, 1)), (WS, "b", date(2026, 11, 7))])
+    got = {r["date"]: r for r in await rows(store, WS, date(2026, 12, 10), 45, "rolling")}
+    assert got["2026-10-31"]["wau"] is None
+    assert got["2026-11-01"]["wau"] == 1
+    assert got["2026-11-07"]["wau"] == 2  # Nov 1..7
+    assert got["2026-11-08"]["wau"] == 1  # Nov 2..8
+    assert got["2026-11-14"]["wau"] is None
+    assert got["2026-11-30"]["mau"] == 2  # Nov 1..30
+    assert got["2026-12-01"]["mau"] == 1  # Nov 2..Dec 1
+    assert got["2026-12-06"]["mau"] == 1  # Nov 7..Dec 6
+    assert got["2026-12-07"]["mau"] is None
+
+
+async def test_unknown_workspace_gets_rows_of_nulls(store: SketchStore) -> None:
+    await add_logins(store, [(WS, "a", date(2026, 11, 20))])
+    for window in ("calendar", "rolling"):
+        got = await rows(store, Workspace("acme", "nope"), date(2026, 11, 24), 3, window)
+        assert [(r["dau"], r["wau"], r["mau"]) for r in got] == [(None, None, None)] * 4
+
+
+async def test_metrics_not_asked_for_are_null(store: SketchStore) -> None:
+    await add_logins(store, [(WS, "a", date(2026, 11, 20))])
+    for window in ("calendar", "rolling"):
+        got = await rows(store, WS, date(2026, 11, 24), 10, window, frozenset({Metric.MAU}))
+        assert all(r["dau"] is None and r["wau"] is None for r in got)
+        assert got[-1]["mau"] == 1
+
+
+async def test_adding_twice_changes_nothing(store: SketchStore) -> None:
+    events = [(WS, f"u{i}", date(2026, 11, 20)) for i in range(50)]
+    await add_logins(store, events)
+    first = await rows(store, WS, date(2026, 11, 24), 30)
+    await add_logins(store, events)
+    await add_logins(store, events[:10])
+    assert await rows(store, WS, date(2026, 11, 24), 30) == first
+
+
+async def test_keys_expire_retention_after_their_period(
+    store: SketchStore, redis_client: aioredis.Redis
+) -> None:
+    d = date(2026, 11, 20)
+    await add_logins(store, [(WS, "a", d)])
+    for period in (day_of(d), week_of(d), month_of(d)):
+        key = store.keys.sketch(WS, period)
+        assert await redis_client.expiretime(key) == expire_at(period, store.retention_days)
+    assert expire_at(day_of(d), 800) - expire_at(day_of(d - timedelta(days=1)), 800) == 86400
+
+
+async def test_a_corrupt_key_is_reported_not_crashed_on(
+    store: SketchStore, redis_client: aioredis.Redis
+) -> None:
+    d = date(2026, 11, 20)
+    bad = store.keys.sketch(WS, day_of(d))
+    await redis_client.set(bad, b"HYLL garbage") if store.keys.mode == "exact" else None
+    await redis_client.delete(bad)
+    await redis_client.rpush(bad, "not a sketch")  # wrong type in both modes
+    other = Workspace("acme", "other")
+    failed = await store.add({(WS, day_of(d)): {"a"}, (other, day_of(d)): {"b"}})
+    assert [f.key for f in failed] == [bad]
+    assert (await store.counts(other, [day_of(d)])) == [1]
+    with pytest.raises(CorruptSketch) as err:
+        await rows(store, WS, date(2026, 11, 24), 10)
+    assert bad in str(err.value)
+    with pytest.raises(CorruptSketch):
+        await rows(store, WS, date(2026, 11, 24), 10, "rolling")
+
+
+@hyp_settings(max_examples=15, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    offsets=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 120)), max_size=40),
+    n1=st.integers(0, 130),
+    n2=st.integers(0, 130),
+    window=st.sampled_from(["calendar", "rolling"]),
+)
+async def test_a_row_never_depends_on_period_length(
+    store: SketchStore, offsets: list[tuple[int, int]], n1: int, n2: int, window: str
+) -> None:
+    ws = Workspace("prop", f"w{random.randrange(10**9)}")
+    end = date(2026, 11, 24)
+    await add_logins(store, [(ws, f"u{u}", end - timedelta(days=o)) for u, o in offsets])
+    a = {r["date"]: r for r in await rows(store, ws, end, n1, window)}
+    b = {r["date"]: r for r in await rows(store, ws, end, n2, window)}
+    for day in a.keys() & b.keys():
+        assert a[day] == b[day]
