@@ -66,8 +66,14 @@ class TokenVerifier:
         self.key: Any = None
         self.algorithm: str | None = None
         if settings.jwt_public_key is not None:
-            pem = settings.jwt_public_key.get_secret_value().encode()
-            public = load_pem_public_key(pem)
+            text = settings.jwt_public_key.get_secret_value().strip()
+            if "\n" not in text and "\\n" in text:
+                # A PEM squeezed onto one line of an env file or a container spec.
+                text = text.replace("\\n", "\n")
+            try:
+                public = load_pem_public_key(text.encode())
+            except ValueError as err:
+                raise ValueError("JWT_PUBLIC_KEY is not a PEM public key") from err
             if isinstance(public, rsa.RSAPublicKey):
                 self.algorithm = "RS256"
             elif isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp256r1":

@@ -8,7 +8,8 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 
 from usage_metrics.config import Settings
@@ -46,6 +47,43 @@ async def _consume(settings: Settings) -> int:
     return 0
 
 
+@contextmanager
+def _progress(topic: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar with rate and ETA; yields the callback replay reports to."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        Task,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            return Text(f"{task.speed or 0:,.0f} msg/s")
+
+    with Progress(
+        TextColumn(f"replay {topic}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ) as bar:
+        task = bar.add_task("replay", total=None)
+
+        def report(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield report
+
+
 def _parse_when(text: str) -> datetime:
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
@@ -54,16 +92,6 @@ def _parse_when(text: str) -> datetime:
 
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from consumer.replay import ReplayStart, parse_offsets, replay
     from usage_metrics.wiring import open_store
 
@@ -73,24 +101,32 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
         start = ReplayStart("timestamp", timestamp=args.from_timestamp)
     else:
         start = ReplayStart("offsets", offsets=parse_offsets(args.from_offsets))
-    with Progress(
-        TextColumn("replay {task.fields[topic]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ) as bar:
-        task = bar.add_task("replay", total=None, topic=settings.kafka_topic)
-
-        def report(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
+    with _progress(settings.kafka_topic) as report:
         async with open_store(settings) as store:
             stats = await replay(settings, store, start, progress=report)
     sys.stdout.write(
         f"replayed {stats.messages} messages: {stats.logins} logins, {stats.filtered} filtered, "
         f"{stats.excluded} excluded, {stats.bad} bad (not re-dead-lettered)\n"
+    )
+    return 0
+
+
+async def _rebuild(settings: Settings, org: str, workspace: str) -> int:
+    from consumer.replay import ReplayStart, replay
+    from sketches.keys import Workspace
+    from usage_metrics.wiring import open_store
+
+    ws = Workspace(org, workspace)
+    async with open_store(settings) as store:
+        deleted = await store.delete_workspace(ws)
+        log.info("deleted %d sketches of %s/%s; replaying the retained topic", deleted, org,
+                 workspace)
+        with _progress(settings.kafka_topic) as report:
+            stats = await replay(settings, store, ReplayStart("beginning"), progress=report,
+                                 only=ws)
+    sys.stdout.write(
+        f"rebuilt {org}/{workspace} from {stats.messages} messages: {stats.logins} logins "
+        f"counted, {stats.excluded} excluded\n"
     )
     return 0
 
@@ -130,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--role", required=True)
     tok.add_argument("--org")
     tok.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+    rb = sub.add_parser(
+        "rebuild", help="delete one workspace's sketches and replay the retained topic for it"
+    )
+    rb.add_argument("--org", required=True)
+    rb.add_argument("--workspace", required=True)
     demo = sub.add_parser("demo", help="run everything locally with synthetic logins")
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--days", type=int, default=42, help="days of synthetic history")
@@ -150,13 +191,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from api.app import create_app
 
-        uvicorn.run(
+        server = uvicorn.Server(uvicorn.Config(
             create_app(settings), host=args.host, port=args.port, log_config=None,
             proxy_headers=False,
-        )
+        ))
+        # uvicorn re-raises the SIGTERM it handled once it has shut down gracefully, which would
+        # make a clean stop look like a kill (exit -15) to a supervisor; this handler receives
+        # that re-raised signal and turns it into exit 0.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        asyncio.run(server.serve())
         return 0
     if args.command == "replay":
         return asyncio.run(_replay(settings, args))
+    if args.command == "rebuild":
+        return asyncio.run(_rebuild(settings, args.org, args.workspace))
     if args.command == "token":
         return _token(settings, args)
     if args.command == "demo":
