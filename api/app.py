@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api import dashboard, observability
 from api.auth import Forbidden, TokenVerifier, Unauthenticated
 from api.routes import router
 from sketches.errors import CorruptSketch, StoreUnavailable
@@ -113,9 +114,14 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
         try:
             await request.app.state.store.ping()
         except StoreUnavailable as err:
-            return _detail(503, f"store unavailable: {err}")
+            log.warning("readiness check failed: %s", err)
+            return _detail(503, "store unavailable")
         return {"status": "ready"}
 
     app.include_router(router)
+    app.include_router(dashboard.router)
+    api_metrics = observability.ApiMetrics()
+    app.add_api_route("/metrics", api_metrics.endpoint, include_in_schema=False)
+    app.add_middleware(observability.ObservabilityMiddleware, metrics=api_metrics)
     app.add_middleware(RawPathIds)
     return app

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
-from typing import Annotated, Any
+import re
+from datetime import date, datetime, timedelta
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
-from fastapi import APIRouter, Depends, Path, Query
+import orjson
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
 
-from api.auth import READ_METRICS, Principal
+from api.auth import READ_METRICS, WRITE_SETTINGS, Principal
 from api.deps import PrincipalDep, SettingsDep, StoreDep
 from api.schemas import ErrorBody, UsageMetric
+from sketches import workspace_settings as ws_settings
 from sketches.keys import MAX_ORG_ID, MAX_WORKSPACE_ID, Workspace
-from sketches.periods import utc_today
-from sketches.query import Metric, Window, usage
+from sketches.query import Metric, UsageRow, Window, usage
+from sketches.workspace_settings import WorkspaceSettings
 
 router = APIRouter()
 
 USAGE_PATH = "/api/v2/org/{org_id}/workspace/{workspace_id}/metrics/usage"
+SETTINGS_PATH = "/api/v2/org/{org_id}/workspace/{workspace_id}/settings"
 MAX_METRIC_VALUES = 16
+DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# No row may start before this day: far older dates only overflow date arithmetic.
+EARLIEST_DAY = date(1970, 1, 1)
+TIMEZONE_HEADER = "X-Timezone"
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "No token, or a token that does not verify",
@@ -67,6 +74,11 @@ def metrics_reader(ws: WorkspaceDep, caller: PrincipalDep) -> Principal:
     return caller
 
 
+def settings_writer(ws: WorkspaceDep, caller: PrincipalDep) -> Principal:
+    caller.require(WRITE_SETTINGS, ws.org_id)
+    return caller
+
+
 def parse_metrics(values: list[str] | None) -> frozenset[Metric]:
     if not values:
         return frozenset(Metric)
@@ -88,11 +100,12 @@ def parse_metrics(values: list[str] | None) -> frozenset[Metric]:
     return frozenset(out) or frozenset(Metric)
 
 
-def parse_end_date(value: str | None) -> date:
-    today = utc_today()
+def parse_end_date(value: str | None, today: date) -> date:
     if value is None:
         return today
     try:
+        if not DATE_RE.match(value):
+            raise ValueError(value)
         end = date.fromisoformat(value)
     except ValueError:
         raise invalid(("query", "end_date"), "must be a date YYYY-MM-DD", value) from None
@@ -101,10 +114,42 @@ def parse_end_date(value: str | None) -> date:
     return end
 
 
+def wants_csv(fmt: str | None, accept: str | None) -> bool:
+    if fmt is not None:
+        return fmt == "csv"
+    return accept is not None and "text/csv" in accept and "application/json" not in accept
+
+
+def render_csv(rows: list[UsageRow]) -> str:
+    def cell(v: int | None) -> str:
+        return "" if v is None else str(v)
+
+    lines = ["date,dau,wau,mau"]
+    lines += [f"{r.date.isoformat()},{cell(r.dau)},{cell(r.wau)},{cell(r.mau)}" for r in rows]
+    return "\r\n".join(lines) + "\r\n"
+
+
+async def workspace_config(
+    store: StoreDep, settings: SettingsDep, ws: Workspace
+) -> WorkspaceSettings:
+    (stored,) = await ws_settings.load_many(
+        store.client, store.keys, [ws], settings.default_timezone
+    )
+    return stored
+
+
 @router.get(
     USAGE_PATH,
     response_model=list[UsageMetric],
-    responses=ERROR_RESPONSES,
+    responses={
+        **ERROR_RESPONSES,
+        200: {
+            "description": "One row per day, oldest first; `text/csv` when asked",
+            "content": {"text/csv": {"example": "date,dau,wau,mau\r\n2026-11-24,45,120,450\r\n"}},
+            "headers": {TIMEZONE_HEADER: {"description": "the timezone the dates are in",
+                                          "schema": {"type": "string"}}},
+        },
+    },
     summary="Daily, weekly and monthly active users of a workspace",
 )
 async def get_usage(
@@ -123,11 +168,18 @@ async def get_usage(
         Window.CALENDAR
     ),
     end_date: Annotated[
-        str | None, Query(description="last day (UTC), YYYY-MM-DD; default today", max_length=10)
+        str | None,
+        Query(description="last day, YYYY-MM-DD, in the workspace's timezone; default today",
+              max_length=10),
     ] = None,
-) -> ORJSONResponse:
+    format: Annotated[
+        Literal["json", "csv"] | None, Query(description="csv for a spreadsheet (or Accept)")
+    ] = None,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Response:
     """Rows from ``end_date - period_length`` to ``end_date``, oldest first. A metric not asked
-    for is null in every row; a day, week or month with no login is null, never 0."""
+    for is null in every row; a day, week or month with no login is null, never 0. Dates are
+    the workspace's local dates (header ``X-Timezone``; UTC unless the workspace sets one)."""
     if period_length > settings.max_period_length:
         raise invalid(
             ("query", "period_length"),
@@ -136,7 +188,12 @@ async def get_usage(
             kind="less_than_equal",
         )
     wanted = parse_metrics(metrics)
-    end = parse_end_date(end_date)
+    config = await workspace_config(store, settings, ws)
+    today = datetime.now(ws_settings.zone(config.timezone)).date()
+    end = parse_end_date(end_date, today)
+    if (end - EARLIEST_DAY).days < period_length:
+        raise invalid(("query", "end_date"), f"rows must not start before {EARLIEST_DAY}",
+                      end_date)
     rows = await usage(
         store,
         ws,
@@ -144,8 +201,48 @@ async def get_usage(
         period_length=period_length,
         metrics=wanted,
         window=window,
-        horizon=utc_today() - timedelta(days=settings.retention_days),
+        horizon=today - timedelta(days=settings.retention_days),
     )
-    return ORJSONResponse(
+    headers = {TIMEZONE_HEADER: config.timezone}
+    if wants_csv(format, accept):
+        return Response(render_csv(rows), media_type="text/csv; charset=utf-8", headers=headers)
+    body = orjson.dumps(
         [{"date": r.date.isoformat(), "dau": r.dau, "wau": r.wau, "mau": r.mau} for r in rows]
     )
+    return Response(body, media_type="application/json", headers=headers)
+
+
+@router.get(
+    SETTINGS_PATH,
+    response_model=WorkspaceSettings,
+    responses=ERROR_RESPONSES,
+    summary="The workspace's timezone and excluded subjects",
+)
+async def get_settings(
+    ws: WorkspaceDep,
+    _caller: Annotated[Principal, Depends(metrics_reader)],
+    settings: SettingsDep,
+    store: StoreDep,
+) -> WorkspaceSettings:
+    return await workspace_config(store, settings, ws)
+
+
+@router.put(
+    SETTINGS_PATH,
+    response_model=WorkspaceSettings,
+    responses=ERROR_RESPONSES,
+    summary="Set the workspace's timezone and excluded subjects",
+    description=(
+        "Needs `workspace_settings:write` (superadmin, admin). The consumer applies a change "
+        "within `SETTINGS_CACHE_SECONDS`, to logins ingested from then on; "
+        "`usage-metrics rebuild` re-buckets the retained history."
+    ),
+)
+async def put_settings(
+    ws: WorkspaceDep,
+    _caller: Annotated[Principal, Depends(settings_writer)],
+    store: StoreDep,
+    body: Annotated[WorkspaceSettings, Body()],
+) -> WorkspaceSettings:
+    await ws_settings.save(store.client, store.keys, ws, body)
+    return body

@@ -1,17 +1,21 @@
 """Turning one fetched batch of records into store writes and dead letters.
 
-Subjects are grouped per sketch key before anything is sent, so a batch of 20,000 logins from a
-few hundred workspaces becomes a few hundred ``PFADD``s with many members each, not 60,000 single
-adds: the cost of a batch grows with the number of distinct (workspace, period) keys, not with
-the number of events.
+Two phases, because the second needs the settings of the workspaces the first finds:
+
+1. ``parse_records``: every record becomes a login, a filtered message or a dead letter.
+2. ``bucket``: each login goes to the local day (in its workspace's timezone), ISO week and month
+   that hold it, unless its subject is excluded. Subjects are grouped per sketch key, so a batch
+   of 20,000 logins from a few hundred workspaces becomes a few hundred ``PFADD``s with many
+   members each, not 60,000 single adds: the cost of a batch grows with the number of distinct
+   (workspace, period) keys, not with the number of events.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import TypeAlias
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -20,10 +24,22 @@ from consumer.events import Login, Rules, parse
 from sketches.errors import BadMessage
 from sketches.keys import Workspace
 from sketches.periods import Period, day_of, month_of, week_of
+from sketches.workspace_settings import Resolved
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
-# A predicate the workspace settings supply (excluded subjects); None means keep everyone.
-Exclusion = Callable[[Workspace, str], bool]
+
+
+@dataclass
+class Parsed:
+    logins: list[Login] = field(default_factory=list)
+    dead: list[tuple[Record, str]] = field(default_factory=list)
+    filtered: int = 0
+    # Next offset to read, per partition: what gets committed once the batch is stored.
+    next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+    @property
+    def workspaces(self) -> set[Workspace]:
+        return {login.workspace for login in self.logins}
 
 
 @dataclass
@@ -33,34 +49,49 @@ class Prepared:
     logins: int = 0
     filtered: int = 0
     excluded: int = 0
-    # Next offset to read, per partition: what gets committed once the batch is stored.
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
 
-def prepare(
-    records: Iterable[Record],
-    rules: Rules,
-    now: datetime,
-    excluded: Exclusion | None = None,
-) -> Prepared:
-    out = Prepared()
-    per_day: defaultdict[tuple[Workspace, date], set[str]] = defaultdict(set)
+def parse_records(records: Iterable[Record], rules: Rules, now: datetime) -> Parsed:
+    out = Parsed()
+    offsets = out.next_offsets
     for record in records:
         tp = TopicPartition(record.topic, record.partition)
-        out.next_offsets[tp] = max(out.next_offsets.get(tp, 0), record.offset + 1)
+        if offsets.get(tp, -1) < record.offset + 1:
+            offsets[tp] = record.offset + 1
         try:
-            login: Login | None = parse(record.value, rules, now)
+            login = parse(record.value, rules, now)
         except BadMessage as err:
             out.dead.append((record, err.reason))
             continue
         if login is None:
             out.filtered += 1
+        else:
+            out.logins.append(login)
+    return out
+
+
+def bucket(
+    parsed: Parsed,
+    configs: Mapping[Workspace, Resolved],
+    only: Workspace | None = None,
+) -> Prepared:
+    """Group the logins into sketches. ``configs`` must hold every workspace of the batch;
+    ``only`` keeps one workspace (a rebuild)."""
+    out = Prepared(dead=parsed.dead, filtered=parsed.filtered, next_offsets=parsed.next_offsets)
+    per_day: defaultdict[tuple[Workspace, date], set[str]] = defaultdict(set)
+    for login in parsed.logins:
+        ws = login.workspace
+        if only is not None and ws != only:
             continue
-        if excluded is not None and excluded(login.workspace, login.subject):
+        config = configs[ws]
+        if config.excluded is not None and config.is_excluded(login.subject):
             out.excluded += 1
             continue
         out.logins += 1
-        per_day[(login.workspace, login.day)].add(login.subject)
+        moment = login.moment
+        day = moment.astimezone(config.tz).date() if config.tz is not UTC else _utc(moment)
+        per_day[(ws, day)].add(login.subject)
 
     sketches: defaultdict[tuple[Workspace, Period], set[str]] = defaultdict(set)
     for (ws, d), subjects in per_day.items():
@@ -70,3 +101,7 @@ def prepare(
         sketches[(ws, month_of(d))] |= subjects
     out.sketches = dict(sketches)
     return out
+
+
+def _utc(moment: datetime) -> date:
+    return moment.astimezone(UTC).date()

@@ -5,8 +5,9 @@ string naming another type is *filtered* whatever else it holds, so a malformed 
 never reaches the dead-letter topic; everything else that cannot be counted is a ``BadMessage``
 with a reason a person can act on.
 
-A day is the UTC date of the event's own timestamp, never the arrival time, so a late or
-replayed event lands in the day, week and month it happened in.
+A day is the date of the event's own timestamp (in UTC, or in the workspace's timezone when it
+has one), never the arrival time, so a late or replayed event lands in the day, week and month
+it happened in.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ FUTURE_TOLERANCE = timedelta(days=1)
 class Login:
     workspace: Workspace
     subject: str
-    day: date
+    # The event's own time; which local day it counts on depends on the workspace's timezone.
+    moment: datetime
+
+    @property
+    def utc_day(self) -> date:
+        return utc_date(self.moment)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,4 +133,4 @@ def parse(value: bytes | None, rules: Rules, now: datetime) -> Login | None:
         )
     if moment > now + FUTURE_TOLERANCE:
         raise BadMessage(f"timestamp {moment.isoformat()} is more than 1 day in the future")
-    return Login(Workspace(org_id, workspace_id), subject, utc_date(moment))
+    return Login(Workspace(org_id, workspace_id), subject, moment)

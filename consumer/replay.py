@@ -24,8 +24,8 @@ from typing import Literal
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from consumer.batch import Exclusion, Record
 from consumer.runner import BatchWriter, Clock, make_kafka_consumer, utc_now
+from sketches.keys import Workspace
 from sketches.store import SketchStore
 from usage_metrics.config import Settings
 
@@ -97,9 +97,9 @@ async def replay(
     *,
     progress: Progress | None = None,
     clock: Clock = utc_now,
-    excluded: Exclusion | None = None,
-    workspace_filter: Callable[[Record], bool] | None = None,
+    only: Workspace | None = None,
 ) -> ReplayStats:
+    """Re-read from ``start`` to the end as it stands now; ``only`` rebuilds one workspace."""
     consumer = make_kafka_consumer(settings, group_id=None)
     await consumer.start()
     stats = ReplayStats()
@@ -115,7 +115,7 @@ async def replay(
         first = {tp: await consumer.position(tp) for tp in tps}
         hw_seen: set[TopicPartition] = set()
         total = sum(max(0, stop_at[tp] - first[tp]) for tp in tps)
-        writer = BatchWriter(settings, store, None, clock, excluded)
+        writer = BatchWriter(settings, store, None, clock, only)
         done = 0
 
         async def finished() -> bool:
@@ -139,11 +139,9 @@ async def replay(
                 r for batch in fetched.values() for r in batch
                 if r.offset < stop_at[TopicPartition(r.topic, r.partition)]
             ]
-            if workspace_filter is not None:
-                records = [r for r in records if workspace_filter(r)]
             if records:
-                prepared = writer.prepare(records)
-                await writer.write(prepared, record_offsets=False)
+                prepared = await writer.write(writer.parse(records), record_offsets=False)
+                assert prepared is not None  # no stop callback: write retries until stored
                 stats.logins += prepared.logins
                 stats.filtered += prepared.filtered
                 stats.excluded += prepared.excluded

@@ -36,10 +36,12 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import TopicPartition
 
 from consumer import metrics
-from consumer.batch import Exclusion, Prepared, Record, prepare
+from consumer.batch import Parsed, Prepared, Record, bucket, parse_records
 from consumer.dlq import MAX_DLQ_REQUEST_BYTES, DeadLetters
 from consumer.events import Rules
+from consumer.settings_cache import SettingsCache
 from sketches.errors import StoreUnavailable, UsageMetricsError
+from sketches.keys import Workspace
 from sketches.store import SketchStore
 from usage_metrics.config import Settings
 
@@ -92,8 +94,8 @@ def make_dlq_producer(settings: Settings) -> AIOKafkaProducer:
 
 
 class BatchWriter:
-    """Writes prepared batches to the store and the dead-letter topic; shared by the group
-    consumer and replay, which differ only in how they pick offsets."""
+    """Writes batches to the store and the dead-letter topic; shared by the group consumer and
+    replay, which differ only in how they pick offsets."""
 
     def __init__(
         self,
@@ -101,27 +103,30 @@ class BatchWriter:
         store: SketchStore,
         dead_letters: DeadLetters | None,
         clock: Clock = utc_now,
-        excluded: Exclusion | None = None,
+        only: Workspace | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.dead_letters = dead_letters
         self.rules = rules_from(settings)
         self.clock = clock
-        self.excluded = excluded
+        self.only = only
+        self.workspace_settings = SettingsCache(
+            store, settings.default_timezone, settings.settings_cache_seconds
+        )
 
-    def prepare(self, records: list[Record]) -> Prepared:
-        return prepare(records, self.rules, self.clock(), self.excluded)
+    def parse(self, records: list[Record]) -> Parsed:
+        return parse_records(records, self.rules, self.clock())
 
     async def write(
         self,
-        prepared: Prepared,
+        parsed: Parsed,
         record_offsets: bool,
         should_stop: Callable[[], bool] = lambda: False,
-    ) -> bool:
-        """Store the batch (retrying while Redis is away), then its dead letters.
+    ) -> Prepared | None:
+        """Bucket and store the batch (retrying while Redis is away), then its dead letters.
 
-        Returns False when asked to stop before the store took the batch: the caller must then
+        Returns None when asked to stop before the store took the batch: the caller must then
         not commit.
         """
         after: list[tuple[Any, ...]] = []
@@ -129,7 +134,7 @@ class BatchWriter:
             keys = self.store.keys
             after = [
                 ("SET", keys.offsets(tp.topic, tp.partition), offset)
-                for tp, offset in prepared.next_offsets.items()
+                for tp, offset in parsed.next_offsets.items()
             ]
         backoff = 0.1
         attempt = 0
@@ -137,13 +142,15 @@ class BatchWriter:
             attempt += 1
             started = time.perf_counter()
             try:
+                configs = await self.workspace_settings.resolve(parsed.workspaces)
+                prepared = bucket(parsed, configs, self.only)
                 failed = await self.store.add(prepared.sketches, after)
                 break
             except StoreUnavailable as err:
                 metrics.REDIS_ERRORS.inc()
                 if should_stop():
                     log.warning("stopping with an unwritten batch (Redis unavailable: %s)", err)
-                    return False
+                    return None
                 log.warning(
                     "store unavailable (attempt %d), retrying in %.1fs: %s", attempt, backoff, err
                 )
@@ -152,15 +159,16 @@ class BatchWriter:
         metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - started)
         for corrupt in failed:
             metrics.CORRUPT_KEYS.inc()
-            log.error("sketch not updated, the key holds something else: %s", corrupt)
-        await self._send_dead_letters(prepared, should_stop)
+            log.error("sketch not updated, the key holds something else: %s", corrupt,
+                      extra={"key": corrupt.key})
+        await self._send_dead_letters(prepared)
         metrics.EVENTS.labels("counted").inc(prepared.logins)
         metrics.EVENTS.labels("filtered").inc(prepared.filtered)
         metrics.EVENTS.labels("excluded").inc(prepared.excluded)
         metrics.EVENTS.labels("dead_lettered").inc(len(prepared.dead))
-        return True
+        return prepared
 
-    async def _send_dead_letters(self, prepared: Prepared, should_stop: Callable[[], bool]) -> None:
+    async def _send_dead_letters(self, prepared: Prepared) -> None:
         if self.dead_letters is None or not prepared.dead:
             return
         backoff = 0.1
@@ -194,12 +202,10 @@ class GroupConsumer:
         store: SketchStore,
         *,
         clock: Clock = utc_now,
-        excluded: Exclusion | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
-        self.excluded = excluded
         self.lock = asyncio.Lock()
         self.consumer: AIOKafkaConsumer | None = None
         self.last_progress = time.monotonic()
@@ -271,7 +277,7 @@ class GroupConsumer:
         self.consumer = consumer
         writer = BatchWriter(
             settings, self.store, DeadLetters(producer, settings.kafka_dlq_topic),
-            self.clock, self.excluded,
+            self.clock,
         )
         await producer.start()
         try:
@@ -306,14 +312,14 @@ class GroupConsumer:
     ) -> None:
         async with self.lock:
             records = [r for batch in fetched.values() for r in batch]
-            prepared = writer.prepare(records)
-            if not await writer.write(prepared, record_offsets=True, should_stop=stop.is_set):
+            parsed = writer.parse(records)
+            if await writer.write(parsed, record_offsets=True, should_stop=stop.is_set) is None:
                 return
             if self._fault == "exit-after-write":
                 log.error("fault injection: exiting between store write and commit")
                 os._exit(137)
             try:
-                await consumer.commit(dict(prepared.next_offsets))
+                await consumer.commit(dict(parsed.next_offsets))
             except CommitFailedError as err:
                 log.warning("commit refused after a rebalance (the store has the batch): %s", err)
             self.batches += 1

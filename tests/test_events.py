@@ -32,8 +32,11 @@ def msg(**overrides: Any) -> bytes:
 
 
 def test_a_login_is_parsed_to_its_utc_day() -> None:
-    want = Login(Workspace("acme", "ws-1"), "member_42", date(2026, 11, 24))
-    assert parse(msg(), RULES, NOW) == want
+    login = parse(msg(), RULES, NOW)
+    assert login == Login(
+        Workspace("acme", "ws-1"), "member_42", datetime(2026, 11, 24, 8, 15, tzinfo=UTC)
+    )
+    assert login.utc_day == date(2026, 11, 24)
 
 
 @pytest.mark.parametrize(
@@ -52,13 +55,13 @@ def test_a_login_is_parsed_to_its_utc_day() -> None:
 def test_every_timestamp_form(timestamp: Any, day: date) -> None:
     login = parse(msg(timestamp=timestamp), RULES, NOW)
     assert login is not None
-    assert login.day == day
+    assert login.utc_day == day
 
 
 def test_event_time_not_arrival_time_decides_the_day() -> None:
     late = parse(msg(timestamp="2025-01-01T00:00:00Z"), RULES, NOW)
     assert late is not None
-    assert late.day == date(2025, 1, 1)
+    assert late.utc_day == date(2025, 1, 1)
 
 
 def test_other_metric_types_are_filtered_whatever_else_they_hold() -> None:

@@ -1,0 +1,153 @@
+"""Per-workspace settings: the timezone its days are counted in, and subjects left out.
+
+Product-analytics tools keep one timezone per project and bucket events by its local date; this
+does the same per workspace. A login counts on the local date of its timestamp in the
+workspace's timezone *at ingestion*, so changing the timezone applies to logins ingested from
+then on; ``usage-metrics rebuild`` re-buckets the retained history.
+
+Settings live in Redis beside the workspace's sketches (same hash tag, one JSON string). The
+consumer caches them for ``SETTINGS_CACHE_SECONDS`` so that a change is seen within a bounded time
+without one extra read per event.
+
+Excluded subjects are exact names or ``*``/``?`` glob patterns (``qa-*``), matched
+case-sensitively: member ids are case-sensitive, and a pattern that silently matched more than it
+says would drop real users.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, tzinfo
+from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sketches.keys import KeySpace, Workspace
+
+MAX_EXCLUDED = 100
+MAX_PATTERN = 256
+
+
+@lru_cache(maxsize=1)
+def _zone_names() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+@lru_cache(maxsize=1024)
+def zone(name: str) -> tzinfo:
+    """A tz database zone; raises ValueError for a name that is not one."""
+    if name == "UTC":
+        return UTC  # the fast path: no tz database lookups per event
+    if name not in _zone_names():
+        raise ValueError(f"unknown timezone {name!r} (use an IANA name such as Europe/Berlin)")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as err:
+        raise ValueError(f"unknown timezone {name!r}") from err
+
+
+class WorkspaceSettings(BaseModel):
+    """The body of ``GET``/``PUT .../settings``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {"timezone": "Asia/Tokyo", "excluded_subjects": ["qa-*", "bot-health"]}
+        },
+    )
+
+    timezone: str = Field(description="IANA timezone the workspace's days are counted in")
+    excluded_subjects: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_EXCLUDED,
+        description="exact subjects or '*' glob patterns whose logins are not counted",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        zone(value)
+        return value
+
+    @field_validator("excluded_subjects")
+    @classmethod
+    def _patterns(cls, values: list[str]) -> list[str]:
+        for v in values:
+            if not v or len(v) > MAX_PATTERN:
+                raise ValueError(f"each subject or pattern must have 1 to {MAX_PATTERN} characters")
+        return values
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Settings ready for the hot path: the zone object and one compiled matcher."""
+
+    timezone: str
+    tz: tzinfo
+    excluded: re.Pattern[str] | None = field(default=None)
+
+    def local_date(self, moment: datetime) -> date:
+        return moment.astimezone(self.tz).date()
+
+    def is_excluded(self, subject: str) -> bool:
+        return self.excluded is not None and self.excluded.fullmatch(subject) is not None
+
+
+def resolve(settings: WorkspaceSettings) -> Resolved:
+    matcher = None
+    if settings.excluded_subjects:
+        # fnmatch.translate gives an anchored regex per pattern; '[' is escaped first so that
+        # only '*' and '?' are wildcards, as the API documents.
+        parts = [
+            fnmatch.translate(p.replace("[", "[[]")) for p in settings.excluded_subjects
+        ]
+        matcher = re.compile("|".join(f"(?:{p})" for p in parts), re.DOTALL)
+    return Resolved(settings.timezone, zone(settings.timezone), matcher)
+
+
+def default_settings(timezone: str) -> WorkspaceSettings:
+    return WorkspaceSettings(timezone=timezone, excluded_subjects=[])
+
+
+def encode(settings: WorkspaceSettings) -> bytes:
+    return orjson.dumps(settings.model_dump())
+
+
+def decode(raw: bytes | str | None, default_timezone: str) -> WorkspaceSettings:
+    """Stored settings, or the defaults when none are stored (or they no longer validate, e.g.
+    a zone removed from the tz database: counting must go on, in the default zone)."""
+    if raw is None:
+        return default_settings(default_timezone)
+    try:
+        data: Any = orjson.loads(raw)
+        return WorkspaceSettings.model_validate(data)
+    except (orjson.JSONDecodeError, ValueError):
+        return default_settings(default_timezone)
+
+
+def settings_keys(keys: KeySpace, workspaces: Sequence[Workspace]) -> list[str]:
+    return [keys.settings(ws) for ws in workspaces]
+
+
+async def load_many(
+    client: Any, keys: KeySpace, workspaces: Sequence[Workspace], default_timezone: str
+) -> list[WorkspaceSettings]:
+    """Each workspace's settings in one round trip (defaults where none are stored)."""
+    from sketches.store import run_pipeline
+
+    results = await run_pipeline(client, [("GET", k) for k in settings_keys(keys, workspaces)])
+    return [
+        decode(None if isinstance(r, BaseException) else r, default_timezone) for r in results
+    ]
+
+
+async def save(client: Any, keys: KeySpace, ws: Workspace, settings: WorkspaceSettings) -> None:
+    from sketches.store import run_pipeline
+
+    await run_pipeline(client, [("SET", keys.settings(ws), encode(settings))])
