@@ -1,0 +1,290 @@
+"""Workspace settings: local-date bucketing in any timezone, excluded subjects, the settings API,
+the consumer seeing a change within its cache bound, and a rebuild that re-buckets history."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+from api.app import create_app
+from api.auth import issue_token
+from consumer.batch import bucket, parse_records
+from consumer.events import Rules
+from consumer.replay import ReplayStart, replay
+from consumer.settings_cache import SettingsCache
+from sketches import workspace_settings as wss
+from sketches.keys import Workspace
+from sketches.periods import day_of, month_of, week_of
+from sketches.query import Window, usage
+from sketches.store import SketchStore
+from sketches.workspace_settings import WorkspaceSettings, resolve
+from tests.support.compare import assert_rows_match, rows_as_dicts
+from tests.support.kafka import produce, wait_applied
+from tests.support.oracle import Oracle
+from tests.test_consumer import consumer_env, running
+from usage_metrics.config import Settings
+from usage_metrics.synth import SynthEvent
+
+WS = Workspace("acme", "tokyo")
+RULES = Rules(login_type="login", retention_days=800, max_bytes=65536)
+NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
+
+
+def record(value: bytes, offset: int = 0) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("t", 0, offset, 0, 0, None, value, None, 0, len(value), [])
+
+
+def login(subject: str, moment: str, ws: Workspace = WS) -> bytes:
+    return SynthEvent(ws.org_id, ws.workspace_id, subject, datetime.fromisoformat(moment)).to_json()
+
+
+def local_days(timezone: str, moments: list[str]) -> dict[date, set[str]]:
+    parsed = parse_records([record(login(f"u{i}", m), i) for i, m in enumerate(moments)],
+                           RULES, NOW)
+    cfg = {WS: resolve(WorkspaceSettings(timezone=timezone))}
+    prepared = bucket(parsed, cfg)
+    return {p.start: s for (ws, p), s in prepared.sketches.items() if p == day_of(p.start)}
+
+
+@pytest.mark.parametrize(
+    ("timezone", "moment", "local_day"),
+    [
+        ("UTC", "2026-11-24T23:59:59Z", date(2026, 11, 24)),
+        ("Asia/Tokyo", "2026-11-24T14:59:59Z", date(2026, 11, 24)),  # 23:59:59 JST
+        ("Asia/Tokyo", "2026-11-24T15:00:00Z", date(2026, 11, 25)),  # 00:00 JST
+        ("Asia/Kolkata", "2026-11-24T18:29:59Z", date(2026, 11, 24)),  # +05:30
+        ("Asia/Kolkata", "2026-11-24T18:30:00Z", date(2026, 11, 25)),
+        ("Asia/Kathmandu", "2026-11-24T18:14:59Z", date(2026, 11, 24)),  # +05:45
+        ("Asia/Kathmandu", "2026-11-24T18:15:00Z", date(2026, 11, 25)),
+        ("Pacific/Kiritimati", "2026-11-24T09:59:59Z", date(2026, 11, 24)),  # +14
+        ("Pacific/Kiritimati", "2026-11-24T10:00:00Z", date(2026, 11, 25)),
+        ("Pacific/Pago_Pago", "2026-11-25T10:59:59Z", date(2026, 11, 24)),  # -11
+        ("Pacific/Pago_Pago", "2026-11-25T11:00:00Z", date(2026, 11, 25)),
+        # New York's DST ends 2026-11-01 at 02:00 EDT: midnight is 04:00Z before, 05:00Z after.
+        ("America/New_York", "2026-11-01T03:59:59Z", date(2026, 10, 31)),
+        ("America/New_York", "2026-11-01T04:00:00Z", date(2026, 11, 1)),
+        ("America/New_York", "2026-11-02T04:59:59Z", date(2026, 11, 1)),  # 25-hour day
+        ("America/New_York", "2026-11-02T05:00:00Z", date(2026, 11, 2)),
+        # ...and starts 2026-03-08: that local day has 23 hours.
+        ("America/New_York", "2026-03-08T04:59:59Z", date(2026, 3, 7)),
+        ("America/New_York", "2026-03-09T03:59:59Z", date(2026, 3, 8)),
+        ("America/New_York", "2026-03-09T04:00:00Z", date(2026, 3, 9)),
+        ("Europe/Berlin", "2026-03-28T22:59:59Z", date(2026, 3, 28)),
+        ("Europe/Berlin", "2026-03-28T23:00:00Z", date(2026, 3, 29)),
+        ("Europe/Berlin", "2026-03-29T21:59:59Z", date(2026, 3, 29)),  # CEST from 01:00Z
+        ("Europe/Berlin", "2026-03-29T22:00:00Z", date(2026, 3, 30)),
+    ],
+)
+def test_a_login_counts_on_its_local_date(timezone: str, moment: str, local_day: date) -> None:
+    assert set(local_days(timezone, [moment])) == {local_day}
+
+
+def test_weeks_and_months_follow_local_dates() -> None:
+    # 2026-12-31T20:00Z is already 2027-01-01 in Tokyo: January, and ISO week 2026-W53.
+    later = datetime(2027, 1, 2, tzinfo=UTC)
+    parsed = parse_records([record(login("a", "2026-12-31T20:00:00Z"))], RULES, later)
+    got = bucket(parsed, {WS: resolve(WorkspaceSettings(timezone="Asia/Tokyo"))}).sketches
+    assert set(got) == {
+        (WS, day_of(date(2027, 1, 1))),
+        (WS, week_of(date(2027, 1, 1))),
+        (WS, month_of(date(2027, 1, 1))),
+    }
+    assert week_of(date(2027, 1, 1)).label == "2026-W53"
+
+
+def test_excluded_subjects_exact_and_glob_are_counted_apart() -> None:
+    settings = WorkspaceSettings(timezone="UTC", excluded_subjects=["qa-*", "bot-healthcheck",
+                                                                    "x[1]"])
+    subjects = ["qa-1", "qa-", "QA-2", "bot-healthcheck", "bot-healthcheck2", "alice", "x[1]",
+                "x1"]
+    parsed = parse_records(
+        [record(login(s, "2026-11-24T10:00:00Z"), i) for i, s in enumerate(subjects)], RULES, NOW
+    )
+    prepared = bucket(parsed, {WS: resolve(settings)})
+    assert prepared.excluded == 4
+    assert prepared.logins == 4
+    assert prepared.sketches[(WS, day_of(date(2026, 11, 24)))] == {
+        "QA-2", "bot-healthcheck2", "alice", "x1"
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"timezone": "Mars/Olympus"},
+        {"timezone": ""},
+        {"timezone": "UTC", "excluded_subjects": [f"s{i}" for i in range(101)]},
+        {"timezone": "UTC", "excluded_subjects": ["x" * 257]},
+        {"timezone": "UTC", "excluded_subjects": [""]},
+        {"timezone": "UTC", "unknown": 1},
+        {"excluded_subjects": []},
+    ],
+)
+def test_invalid_settings_are_refused(body: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - pydantic's ValidationError is a ValueError
+        WorkspaceSettings.model_validate(body)
+
+
+@pytest.fixture
+async def client(settings: Settings, store: SketchStore) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t") as c:
+        yield c
+
+
+def bearer(settings: Settings, role: str, org: str | None = "acme") -> dict[str, str]:
+    token = issue_token(settings, role=role, org_id=org, ttl_seconds=600, now=time.time())
+    return {"Authorization": f"Bearer {token}"}
+
+
+SETTINGS_URL = "/api/v2/org/acme/workspace/tokyo/settings"
+USAGE_URL = "/api/v2/org/acme/workspace/tokyo/metrics/usage"
+
+
+async def test_settings_api_reads_defaults_and_writes_with_permission(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    got = await client.get(SETTINGS_URL, headers=bearer(settings, "curator"))
+    assert got.status_code == 200
+    assert got.json() == {"timezone": "UTC", "excluded_subjects": []}
+    body = {"timezone": "Asia/Tokyo", "excluded_subjects": ["qa-*"]}
+    for role, status in [("basic", 403), ("curator", 403), ("controller", 403), ("admin", 200),
+                         ("superadmin", 200)]:
+        resp = await client.put(SETTINGS_URL, json=body, headers=bearer(settings, role))
+        assert resp.status_code == status, (role, resp.text)
+    other = await client.put("/api/v2/org/globex/workspace/w/settings", json=body,
+                             headers=bearer(settings, "admin"))
+    assert other.status_code == 403
+    assert (await client.put(SETTINGS_URL, json=body)).status_code == 401
+    bad = await client.put(SETTINGS_URL, json={"timezone": "Nowhere/City"},
+                           headers=bearer(settings, "admin"))
+    assert bad.status_code == 422
+    assert "unknown timezone" in bad.text
+    got = await client.get(SETTINGS_URL, headers=bearer(settings, "controller"))
+    assert got.json() == body
+
+
+async def test_usage_dates_are_local_and_the_response_names_the_zone(
+    client: httpx.AsyncClient, settings: Settings, store: SketchStore
+) -> None:
+    await wss.save(store.client, store.keys, WS,
+                   WorkspaceSettings(timezone="Pacific/Kiritimati"))
+    resp = await client.get(USAGE_URL, params={"period_length": 0},
+                            headers=bearer(settings, "admin"))
+    assert resp.status_code == 200
+    assert resp.headers["x-timezone"] == "Pacific/Kiritimati"
+    local_today = datetime.now(ZoneInfo("Pacific/Kiritimati")).date()
+    assert resp.json()[0]["date"] == local_today.isoformat()
+    # The local today is a valid end_date even where it is already tomorrow in UTC.
+    ok = await client.get(USAGE_URL, params={"end_date": local_today.isoformat()},
+                          headers=bearer(settings, "admin"))
+    assert ok.status_code == 200
+    tomorrow = (local_today + timedelta(days=1)).isoformat()
+    late = await client.get(USAGE_URL, params={"end_date": tomorrow},
+                            headers=bearer(settings, "admin"))
+    assert late.status_code == 422
+
+
+async def test_csv_export_has_the_same_rows(
+    client: httpx.AsyncClient, settings: Settings, store: SketchStore
+) -> None:
+    d = datetime.now(UTC).date()
+    await store.add({(WS, p): {"a", "b"} for p in (day_of(d), week_of(d), month_of(d))})
+    params = {"period_length": 2, "end_date": d.isoformat()}
+    as_json = (await client.get(USAGE_URL, params=params, headers=bearer(settings, "admin"))).json()
+    for extra, headers in [({"format": "csv"}, {}), ({}, {"Accept": "text/csv"})]:
+        resp = await client.get(USAGE_URL, params={**params, **extra},
+                                headers={**bearer(settings, "admin"), **headers})
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/csv")
+        lines = resp.text.strip().split("\r\n")
+        assert lines[0] == "date,dau,wau,mau"
+        cells = [ln.split(",") for ln in lines[1:]]
+        assert [c[0] for c in cells] == [r["date"] for r in as_json]
+        for c, r in zip(cells, as_json, strict=True):
+            assert c[1:] == ["" if r[m] is None else str(r[m]) for m in ("dau", "wau", "mau")]
+
+
+async def test_the_consumer_sees_a_settings_change_within_its_cache_bound(
+    store: SketchStore,
+) -> None:
+    now = [0.0]
+    cache = SettingsCache(store, "UTC", ttl_seconds=30, clock=lambda: now[0])
+    assert (await cache.resolve([WS]))[WS].timezone == "UTC"
+    await wss.save(store.client, store.keys, WS, WorkspaceSettings(timezone="Asia/Tokyo"))
+    now[0] = 29.0
+    assert (await cache.resolve([WS]))[WS].timezone == "UTC"  # still within the bound
+    now[0] = 30.5
+    assert (await cache.resolve([WS]))[WS].timezone == "Asia/Tokyo"
+
+
+async def test_non_utc_workspace_end_to_end_and_rebuild_rebuckets_history(
+    settings: Settings, store: SketchStore, topics: tuple[str, str], sketch_mode: str
+) -> None:
+    """Ingested in UTC, then the workspace moves to Tokyo: new logins count on Tokyo dates, and a
+    rebuild re-buckets the old ones; another workspace is untouched."""
+    topic, _ = topics
+    other = Workspace("acme", "berlin")
+    today = datetime.now(UTC).date()
+    moments = [datetime.combine(today - timedelta(days=d), datetime.min.time(), UTC)
+               + timedelta(hours=h) for d in range(1, 12) for h in (1, 13, 16, 23)]
+    events = [SynthEvent(ws.org_id, ws.workspace_id, f"u{i % 7}", m)
+              for i, m in enumerate(moments) for ws in (WS, other)]
+    ends = await produce(settings.kafka_bootstrap_servers, topic, [e.to_json() for e in events])
+    await wss.save(store.client, store.keys, other,
+                   WorkspaceSettings(timezone="Europe/Berlin", excluded_subjects=["u6"]))
+
+    async with running(settings, store):
+        await wait_applied(store, topic, ends)
+
+    def oracle(ws: Workspace, tz: str, excluded: frozenset[str] = frozenset()) -> Oracle:
+        return Oracle((ws, e.subject, e.timestamp.astimezone(ZoneInfo(tz)).date())
+                      for e in events if Workspace(e.org_id, e.workspace_id) == ws
+                      and e.subject not in excluded)
+
+    async def check(ws: Workspace, want: Oracle) -> None:
+        for window in (Window.CALENDAR, Window.ROLLING):
+            rows = await usage(store, ws, end=today, period_length=14, window=window,
+                               horizon=today - timedelta(days=800))
+            assert_rows_match(rows_as_dicts(rows), want.rows(ws, today, 14, window.value),
+                              sketch_mode)
+
+    await check(WS, oracle(WS, "UTC"))
+    await check(other, oracle(other, "Europe/Berlin", frozenset({"u6"})))
+
+    await wss.save(store.client, store.keys, WS, WorkspaceSettings(timezone="Asia/Tokyo"))
+    rebuilt = subprocess.run(
+        [sys.executable, "-m", "usage_metrics.cli", "rebuild", "--org", "acme",
+         "--workspace", "tokyo"],
+        env=consumer_env(settings), capture_output=True, timeout=120,
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr.decode()[-2000:]
+    assert f"{len(moments)} logins counted".encode() in rebuilt.stdout
+    await check(WS, oracle(WS, "Asia/Tokyo"))
+    await check(other, oracle(other, "Europe/Berlin", frozenset({"u6"})))
+
+
+async def test_replay_only_one_workspace_leaves_the_others_alone(
+    settings: Settings, store: SketchStore, topics: tuple[str, str]
+) -> None:
+    topic, _ = topics
+    other = Workspace("acme", "other")
+    moment = datetime.now(UTC) - timedelta(hours=1)
+    await produce(settings.kafka_bootstrap_servers, topic,
+                  [SynthEvent(w.org_id, w.workspace_id, "u1", moment).to_json()
+                   for w in (WS, other)])
+    stats = await replay(settings, store, ReplayStart("beginning"), only=WS)
+    assert stats.logins == 1
+    d = moment.date()
+    assert await store.counts(WS, [day_of(d)]) == [1]
+    assert await store.counts(other, [day_of(d)]) == [0]
