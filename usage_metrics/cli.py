@@ -84,15 +84,27 @@ def _progress(topic: str) -> Iterator[Callable[[int, int], None]]:
         yield report
 
 
+def _offsets_arg(text: str) -> dict[int, int]:
+    from consumer.replay import parse_offsets
+
+    try:
+        return parse_offsets(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _parse_when(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
     if moment.tzinfo is None:
         raise argparse.ArgumentTypeError("give a zone, e.g. 2026-11-01T00:00:00Z")
     return moment
 
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    from consumer.replay import ReplayStart, parse_offsets, replay
+    from consumer.replay import ReplayStart, replay
     from usage_metrics.wiring import open_store
 
     if args.from_beginning:
@@ -100,7 +112,7 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     elif args.from_timestamp is not None:
         start = ReplayStart("timestamp", timestamp=args.from_timestamp)
     else:
-        start = ReplayStart("offsets", offsets=parse_offsets(args.from_offsets))
+        start = ReplayStart("offsets", offsets=args.from_offsets)
     with _progress(settings.kafka_topic) as report:
         async with open_store(settings) as store:
             stats = await replay(settings, store, start, progress=report)
@@ -161,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = rp.add_mutually_exclusive_group(required=True)
     where.add_argument("--from-beginning", action="store_true")
     where.add_argument("--from-timestamp", type=_parse_when, metavar="ISO")
-    where.add_argument("--from-offsets", metavar="P:O,...")
+    where.add_argument("--from-offsets", metavar="P:O,...", type=_offsets_arg)
     tok = sub.add_parser("token", help="print a signed JWT for local use")
     tok.add_argument("--role", required=True)
     tok.add_argument("--org")
