@@ -13,6 +13,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -20,6 +22,17 @@ from sketches.store import SketchStore
 from tests.support.servers import RedisServer, TansuBroker
 from usage_metrics.config import Settings
 from usage_metrics.wiring import open_store
+
+
+# Two busy cores make generation slow now and then: wall-clock health checks and deadlines would
+# turn load into flaky failures. CI runs derandomized so a failure reproduces exactly.
+hypothesis_settings.register_profile(
+    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.register_profile(
+    "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 def _docker_answers() -> bool:
