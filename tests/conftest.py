@@ -13,16 +13,15 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from hypothesis import HealthCheck
-from hypothesis import settings as hypothesis_settings
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from sketches.store import SketchStore
 from tests.support.servers import RedisServer, TansuBroker
 from usage_metrics.config import Settings
 from usage_metrics.wiring import open_store
-
 
 # Two busy cores make generation slow now and then: wall-clock health checks and deadlines would
 # turn load into flaky failures. CI runs derandomized so a failure reproduces exactly.
