@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth import Principal, TokenVerifier, Unauthenticated
+from api.cache import ResultCache
 from sketches.store import SketchStore
 from usage_metrics.config import Settings
 
@@ -23,6 +24,11 @@ def get_settings(request: Request) -> Settings:
 def get_store(request: Request) -> SketchStore:
     store: SketchStore = request.app.state.store
     return store
+
+
+def get_cache(request: Request) -> ResultCache:
+    cache: ResultCache = request.app.state.result_cache
+    return cache
 
 
 def get_verifier(request: Request) -> TokenVerifier:
@@ -41,4 +47,5 @@ def get_principal(
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[SketchStore, Depends(get_store)]
+CacheDep = Annotated[ResultCache, Depends(get_cache)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

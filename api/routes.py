@@ -12,12 +12,14 @@ from fastapi import APIRouter, Body, Depends, Header, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
 
 from api.auth import READ_METRICS, WRITE_SETTINGS, Principal
-from api.deps import PrincipalDep, SettingsDep, StoreDep
+from api.deps import CacheDep, PrincipalDep, SettingsDep, StoreDep
 from api.schemas import ErrorBody, UsageMetric
 from sketches import workspace_settings as ws_settings
 from sketches.keys import MAX_ORG_ID, MAX_WORKSPACE_ID, Workspace
 from sketches.query import Metric, UsageRow, Window, usage
+from sketches.store import SketchStore, run_pipeline
 from sketches.workspace_settings import WorkspaceSettings
+from usage_metrics.config import Settings
 
 router = APIRouter()
 
@@ -28,6 +30,7 @@ DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # No row may start before this day: far older dates only overflow date arithmetic.
 EARLIEST_DAY = date(1970, 1, 1)
 TIMEZONE_HEADER = "X-Timezone"
+CACHE_HEADER = "X-Cache"
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "No token, or a token that does not verify",
@@ -138,6 +141,20 @@ async def workspace_config(
     return stored
 
 
+async def config_and_version(
+    store: SketchStore, settings: Settings, ws: Workspace
+) -> tuple[WorkspaceSettings, bytes | None]:
+    """The workspace's settings and its data version token, in one round trip."""
+    raw, version = await run_pipeline(
+        store.client, [("GET", store.keys.settings(ws)), ("GET", store.keys.version(ws))]
+    )
+    if isinstance(raw, BaseException):
+        raw = None
+    if isinstance(version, BaseException):
+        version = None
+    return ws_settings.decode(raw, settings.default_timezone), version
+
+
 @router.get(
     USAGE_PATH,
     response_model=list[UsageMetric],
@@ -157,6 +174,7 @@ async def get_usage(
     _caller: Annotated[Principal, Depends(metrics_reader)],
     settings: SettingsDep,
     store: StoreDep,
+    cache: CacheDep,
     period_length: Annotated[
         int, Query(ge=0, description="days before end_date to include (rows = this + 1)")
     ] = 365,
@@ -188,12 +206,19 @@ async def get_usage(
             kind="less_than_equal",
         )
     wanted = parse_metrics(metrics)
-    config = await workspace_config(store, settings, ws)
+    config, version = await config_and_version(store, settings, ws)
     today = datetime.now(ws_settings.zone(config.timezone)).date()
     end = parse_end_date(end_date, today)
     if (end - EARLIEST_DAY).days < period_length:
         raise invalid(("query", "end_date"), f"rows must not start before {EARLIEST_DAY}",
                       end_date)
+    csv = wants_csv(format, accept)
+    headers = {TIMEZONE_HEADER: config.timezone}
+    media = "text/csv; charset=utf-8" if csv else "application/json"
+    cache_key = (ws, config.timezone, today, end, period_length, wanted, window, csv)
+    cached = cache.get(cache_key, version)
+    if cached is not None:
+        return Response(cached, media_type=media, headers={**headers, CACHE_HEADER: "hit"})
     rows = await usage(
         store,
         ws,
@@ -203,13 +228,14 @@ async def get_usage(
         window=window,
         horizon=today - timedelta(days=settings.retention_days),
     )
-    headers = {TIMEZONE_HEADER: config.timezone}
-    if wants_csv(format, accept):
-        return Response(render_csv(rows), media_type="text/csv; charset=utf-8", headers=headers)
-    body = orjson.dumps(
-        [{"date": r.date.isoformat(), "dau": r.dau, "wau": r.wau, "mau": r.mau} for r in rows]
-    )
-    return Response(body, media_type="application/json", headers=headers)
+    if csv:
+        body = render_csv(rows).encode()
+    else:
+        body = orjson.dumps(
+            [{"date": r.date.isoformat(), "dau": r.dau, "wau": r.wau, "mau": r.mau} for r in rows]
+        )
+    cache.put(cache_key, version, body)
+    return Response(body, media_type=media, headers={**headers, CACHE_HEADER: "miss"})
 
 
 @router.get(

@@ -59,6 +59,12 @@ class KeySpace:
     def settings(self, ws: Workspace) -> str:
         return f"{self.workspace_prefix(ws)}settings"
 
+    def version(self, ws: Workspace) -> str:
+        """A token the consumer replaces after every batch that writes this workspace's
+        sketches; an API result cached under the same token cannot be stale."""
+        kind = "hll" if self.mode == "hll" else "set"
+        return f"{self.workspace_prefix(ws)}{kind}:version"
+
     def offsets(self, topic: str, partition: int) -> str:
         """How far the store has applied one partition (the next offset to read).
 
@@ -67,10 +73,6 @@ class KeySpace:
         survived. The hash tag is the partition, so each record sits in one cluster slot.
         """
         return f"{self.prefix}:offsets:{self.mode}:{{{encode_id(topic)}:{partition}}}"
-
-    def invalidations(self) -> str:
-        """The channel the consumer publishes written buckets on, for API result caches."""
-        return f"{self.prefix}:invalidate"
 
     def parse_workspace(self, key: str) -> Workspace:
         """The workspace of one of this keyspace's workspace keys (inverse of hash_tag)."""

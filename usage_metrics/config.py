@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     default_timezone: str = "UTC"
     settings_cache_seconds: float = Field(default=30.0, ge=0)
 
+    # API responses kept per process, reused only under the same data version (never stale).
+    result_cache_entries: int = Field(default=4096, ge=0)
+
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
