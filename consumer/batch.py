@@ -20,7 +20,7 @@ from typing import TypeAlias
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from consumer.events import Login, Rules, parse
+from consumer.events import Login, Parser, Rules
 from sketches.errors import BadMessage
 from sketches.keys import Workspace
 from sketches.periods import Period, day_of, month_of, week_of
@@ -55,19 +55,22 @@ class Prepared:
 def parse_records(records: Iterable[Record], rules: Rules, now: datetime) -> Parsed:
     out = Parsed()
     offsets = out.next_offsets
+    parse = Parser(rules, now).parse
+    logins = out.logins
+    last: dict[tuple[str, int], int] = {}
     for record in records:
-        tp = TopicPartition(record.topic, record.partition)
-        if offsets.get(tp, -1) < record.offset + 1:
-            offsets[tp] = record.offset + 1
+        last[(record.topic, record.partition)] = record.offset
         try:
-            login = parse(record.value, rules, now)
+            login = parse(record.value)
         except BadMessage as err:
             out.dead.append((record, err.reason))
             continue
         if login is None:
             out.filtered += 1
         else:
-            out.logins.append(login)
+            logins.append(login)
+    for (topic, partition), offset in last.items():
+        offsets[TopicPartition(topic, partition)] = offset + 1
     return out
 
 
@@ -90,7 +93,10 @@ def bucket(
             continue
         out.logins += 1
         moment = login.moment
-        day = moment.astimezone(config.tz).date() if config.tz is not UTC else _utc(moment)
+        if config.tz is UTC:
+            day = moment.date() if moment.tzinfo is UTC else moment.astimezone(UTC).date()
+        else:
+            day = moment.astimezone(config.tz).date()
         per_day[(ws, day)].add(login.subject)
 
     sketches: defaultdict[tuple[Workspace, Period], set[str]] = defaultdict(set)
@@ -101,7 +107,3 @@ def bucket(
         sketches[(ws, month_of(d))] |= subjects
     out.sketches = dict(sketches)
     return out
-
-
-def _utc(moment: datetime) -> date:
-    return moment.astimezone(UTC).date()

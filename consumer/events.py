@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
+import msgspec
 import orjson
 
 from sketches.errors import BadMessage
@@ -29,8 +30,7 @@ EPOCH_MS_THRESHOLD = 1e12
 FUTURE_TOLERANCE = timedelta(days=1)
 
 
-@dataclass(frozen=True, slots=True)
-class Login:
+class Login(NamedTuple):
     workspace: Workspace
     subject: str
     # The event's own time; which local day it counts on depends on the workspace's timezone.
@@ -108,8 +108,74 @@ def decode_object(value: bytes | None, max_bytes: int) -> dict[str, Any]:
     return obj
 
 
+class _Fast(msgspec.Struct, gc=False):
+    """The shape of a well-formed login: decoded in one C call, with the timestamp parsed."""
+
+    metric_type: str
+    subject: str
+    org_id: str
+    workspace_id: str
+    timestamp: datetime | float
+
+
+_FAST_DECODER = msgspec.json.Decoder(_Fast)
+
+
+class Parser:
+    """Parses the records of one batch against one ``now``.
+
+    Almost every message is a well-formed login, so ``parse`` first tries msgspec's typed decoder
+    (several times faster than decoding to a dict and checking each field) and accepts its result
+    only when every rule holds. Anything else, including every message that will be filtered or
+    dead-lettered, goes through ``parse``'s careful path, which gives the same answer for what the
+    fast path accepts and a reason for what it refuses. Workspace ids are interned, so a batch
+    makes one ``Workspace`` per workspace, not one per event.
+    """
+
+    def __init__(self, rules: Rules, now: datetime) -> None:
+        self.rules = rules
+        self.now = now
+        self.oldest = now - timedelta(days=rules.retention_days)
+        self.latest = now + FUTURE_TOLERANCE
+        self._workspaces: dict[tuple[str, str], Workspace] = {}
+
+    def workspace(self, org_id: str, workspace_id: str) -> Workspace:
+        key = (org_id, workspace_id)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            ws = self._workspaces[key] = Workspace(org_id, workspace_id)
+        return ws
+
+    def parse(self, value: bytes | None) -> Login | None:
+        rules = self.rules
+        if value is not None and len(value) <= rules.max_bytes:
+            try:
+                ev = _FAST_DECODER.decode(value)
+            except msgspec.DecodeError:
+                pass
+            else:
+                if ev.metric_type != rules.login_type:
+                    return None
+                moment = ev.timestamp
+                if (
+                    0 < len(ev.subject) <= MAX_SUBJECT
+                    and 0 < len(ev.org_id) <= MAX_ORG_ID
+                    and 0 < len(ev.workspace_id) <= MAX_WORKSPACE_ID
+                    and isinstance(moment, datetime)
+                    and moment.tzinfo is not None
+                    and self.oldest <= moment <= self.latest
+                ):
+                    return Login(self.workspace(ev.org_id, ev.workspace_id), ev.subject, moment)
+        login = parse(value, rules, self.now)
+        if login is None:
+            return None
+        ws = login.workspace
+        return Login(self.workspace(ws.org_id, ws.workspace_id), login.subject, login.moment)
+
+
 def parse(value: bytes | None, rules: Rules, now: datetime) -> Login | None:
-    """A login to count, ``None`` for a filtered metric type, or ``BadMessage``."""
+    """A login to count, ``None`` for a filtered metric type, or ``BadMessage``: the careful
+    path, field by field, with a reason for every refusal."""
     obj = decode_object(value, rules.max_bytes)
     if "metric_type" not in obj:
         raise BadMessage("missing field 'metric_type'")

@@ -88,8 +88,10 @@ __all__ = [
     "decode",
     "decode_many",
     "estimate",
+    "estimate_histograms",
     "estimate_many",
     "hash_element",
+    "rolling_estimates",
     "rolling_max",
 ]
 
@@ -117,8 +119,6 @@ into 64 bins and then simply ignores 52..63, and so do we, so that a hand-made v
 would in Redis and can never spill into the next row's bins."""
 _DENSE_CHUNK: Final = 32
 """Dense values decoded per step: scratch of 2 x 512 KiB, which stays in cache."""
-_HIST_CHUNK: Final = 8
-"""Rows histogrammed per bincount call: keeps the intp key array (1 MiB) in cache."""
 
 _MASK64: Final = (1 << 64) - 1
 _MURMUR_M: Final = 0xC6A4A7935BD1E995
@@ -343,8 +343,11 @@ def estimate(registers: npt.NDArray[np.integer[Any]]) -> int:
 
 def estimate_many(rows: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.int64]:
     """:func:`estimate` of every row, computed over all rows at once with the same doubles."""
-    regs = _checked_registers(rows, ndim=2)
-    hist = _histograms(regs)
+    return estimate_histograms(_histograms(_checked_registers(rows, ndim=2)))
+
+
+def estimate_histograms(hist: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """:func:`estimate` for each row of register-value histograms (n, 64)."""
     h = hist.astype(np.float64)
     m = float(M)
     z = m * _tau_table()[hist[:, Q + 1]]
@@ -355,6 +358,29 @@ def estimate_many(rows: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.int64]:
     with np.errstate(divide="ignore"):  # z is 0 if all registers are 51, or all above 51
         v = _ALPHA_INF * m * m / z
     return _llround_many(v)
+
+
+def rolling_estimates(
+    registers: npt.NDArray[np.uint8], widths: Sequence[int], skip: int
+) -> dict[int, npt.NDArray[np.int64]]:
+    """For each width, the estimate of the union of every `width` consecutive rows ending at rows
+    ``skip .. n-1`` (one row per day: the rolling WAU and MAU of each day).
+
+    The rows are decoded once for all widths. Registers that are 0 in every row stay 0 in every
+    union, so only the columns some row touches are merged and counted, and the untouched ones
+    are added to each histogram's zero bin: a workspace with tens of users a day touches a few
+    thousand of the 16,384 registers, and its query costs that much less."""
+    regs = _checked_registers(registers, ndim=2)
+    touched = np.flatnonzero(regs.any(axis=0))
+    sub = regs if touched.size == M else np.ascontiguousarray(regs[:, touched])
+    untouched = M - touched.size
+    out: dict[int, npt.NDArray[np.int64]] = {}
+    for width in widths:
+        merged = rolling_max(sub, width)[skip:]
+        hist = _histograms(merged)
+        hist[:, 0] += untouched
+        out[width] = estimate_histograms(hist)
+    return out
 
 
 def _checked_registers(
@@ -375,15 +401,13 @@ def _checked_registers(
 
 
 def _histograms(rows: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.int64]:
-    """Per-row counts of each register value: one bincount over `value + 64 * row`."""
+    """Per-row counts of each register value. One ``bincount`` per row: for 16,384 registers a
+    row's counts stay in cache, which measured about 3 times faster than one big ``bincount``
+    over ``value + 64 * row`` (that needs an intp copy of the whole array)."""
     n = rows.shape[0]
     hist = np.empty((n, _BINS), dtype=np.int64)
-    for lo in range(0, n, _HIST_CHUNK):
-        block = rows[lo : lo + _HIST_CHUNK]
-        k = block.shape[0]
-        keys = block.astype(np.intp)
-        keys += np.arange(0, k * _BINS, _BINS, dtype=np.intp)[:, None]
-        hist[lo : lo + k] = np.bincount(keys.ravel(), minlength=k * _BINS).reshape(k, _BINS)
+    for i in range(n):
+        hist[i] = np.bincount(rows[i], minlength=_BINS)
     return hist
 
 

@@ -17,7 +17,7 @@ Layout: ``<prefix>:{<org>:<workspace>}:<mode>:<granularity>:<label>``, for examp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 from urllib.parse import quote, unquote
 
 from sketches.periods import Period
@@ -26,8 +26,10 @@ MAX_ORG_ID = 128
 MAX_WORKSPACE_ID = 128
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Workspace:
+class Workspace(NamedTuple):
+    """An (org, workspace) pair. A named tuple rather than a frozen dataclass: it is built and
+    hashed for every event on the consumer's hot path, where tuples are several times cheaper."""
+
     org_id: str
     workspace_id: str
 

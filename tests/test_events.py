@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.events import Login, Rules, parse
+from consumer.events import Login, Parser, Rules, parse
 from sketches.errors import BadMessage
 from sketches.keys import Workspace
 
@@ -146,3 +146,44 @@ def test_arbitrary_objects_are_a_login_none_or_a_bad_message(obj: dict[str, Any]
     except BadMessage:
         return
     assert out is None or isinstance(out, Login)
+
+
+timestamps = st.one_of(
+    st.datetimes(
+        min_value=datetime(2024, 1, 1), max_value=datetime(2026, 12, 31),
+        timezones=st.sampled_from([UTC, timezone(timedelta(hours=2)),
+                                   timezone(timedelta(hours=-9, minutes=-30))]),
+    ).map(lambda d: d.isoformat().replace("+00:00", "Z")),
+    st.datetimes(min_value=datetime(2024, 1, 1), max_value=datetime(2026, 12, 31)).map(
+        lambda d: d.isoformat()
+    ),
+    st.integers(1_600_000_000, 1_900_000_000),
+    st.integers(1_600_000_000_000, 1_900_000_000_000),
+    st.floats(1.6e9, 1.9e9),
+    st.text(max_size=30),
+    st.booleans(),
+    st.none(),
+)
+
+
+@given(
+    metric_type=st.sampled_from(["login", "page_view", "", 3]),
+    subject=st.one_of(st.text(max_size=260), st.integers(-(2**63), 2**63 - 1)),
+    org=st.text(max_size=130),
+    ws=st.text(min_size=1, max_size=5),
+    ts=timestamps,
+)
+def test_the_fast_path_agrees_with_the_careful_one(
+    metric_type: Any, subject: Any, org: str, ws: str, ts: Any
+) -> None:
+    value = msg(metric_type=metric_type, subject=subject, org_id=org, workspace_id=ws,
+                timestamp=ts)
+    try:
+        want: Login | str | None = parse(value, RULES, NOW)
+    except BadMessage as err:
+        want = err.reason
+    try:
+        got: Login | str | None = Parser(RULES, NOW).parse(value)
+    except BadMessage as err:
+        got = err.reason
+    assert got == want

@@ -511,3 +511,23 @@ def test_rolling_max_of_real_sized_rows(width: int) -> None:
     np.testing.assert_array_equal(
         hll.rolling_max(rows[:, 5], width), naive_rolling_max(rows[:, 5:6], width)[:, 0]
     )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    widths=st.lists(st.integers(1, 35), min_size=1, max_size=3, unique=True),
+    density=st.sampled_from([0.0005, 0.01, 0.5, 1.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_rolling_estimates_equal_estimating_each_naive_union(
+    n: int, widths: list[int], density: float, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    rows = rng.geometric(0.5, size=(n, hll.M)).clip(0, 51).astype(np.uint8)
+    rows[rng.random(rows.shape) > density] = 0
+    skip = min(n - 1, int(rng.integers(0, n)))
+    got = hll.rolling_estimates(rows, widths, skip)
+    for w in widths:
+        want = [hll.estimate(rows[max(0, i - w + 1) : i + 1].max(axis=0)) for i in range(skip, n)]
+        assert got[w].tolist() == want
