@@ -115,12 +115,13 @@ async def usage(
         if Metric.MAU in wanted:
             mau = await _calendar(store, ws, Granularity.MONTH, days, horizon)
     else:
-        if Metric.WAU in wanted:
-            counts = await store.rolling_counts(ws, start, end, WEEK_DAYS)
-            wau = [_none_if_zero(n) for n in counts]
-        if Metric.MAU in wanted:
-            counts = await store.rolling_counts(ws, start, end, MONTH_DAYS)
-            mau = [_none_if_zero(n) for n in counts]
+        widths = [w for m, w in ((Metric.WAU, WEEK_DAYS), (Metric.MAU, MONTH_DAYS)) if m in wanted]
+        if widths:
+            counts = await store.rolling_counts_many(ws, start, end, widths)
+            if Metric.WAU in wanted:
+                wau = [_none_if_zero(n) for n in counts[WEEK_DAYS]]
+            if Metric.MAU in wanted:
+                mau = [_none_if_zero(n) for n in counts[MONTH_DAYS]]
 
     return [
         UsageRow(d, a, w, m) for d, a, w, m in zip(days, dau, wau, mau, strict=True)
