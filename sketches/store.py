@@ -14,11 +14,58 @@ commits Kafka offsets only after that pipeline has been acknowledged.
 
 Every key gets an absolute expiry, ``RETENTION_DAYS`` after the end of its period. Because the
 deadline depends only on the key, re-adding to an old key never extends its life.
+
+Redis Cluster (``REDIS_CLUSTER=true``)
+--------------------------------------
+The store takes a ``redis.asyncio.RedisCluster`` as well as a ``Redis``; only ``add``,
+``applied_offsets``, ``delete_workspace`` and ``ping`` behave differently, and only on a cluster.
+
+- **Slots.** Every key of one workspace carries the workspace's hash tag (``sketches.keys``), so
+  every multi-key command (a rolling ``PFCOUNT`` over 30 days) and every per-workspace pipeline of
+  a query lands in one slot on one node: no query can fail with ``CROSSSLOT``
+  (``tests/cluster`` checks every query shape). A batch spans many workspaces, hence slots:
+  redis-py's ``ClusterPipeline`` groups the commands by node and sends one pipeline per node, in
+  order, on one connection per node, concurrently. With ``raise_on_error=False`` each command's
+  error comes back in its place, as on one Redis; ``MOVED``/``ASK`` replies are followed, command
+  by command, after the node pipelines have answered.
+- **Durability.** On one Redis the batch's offset records follow its sketches on one connection,
+  so an AOF that loses its tail loses the record with the writes it vouched for. A cluster has no
+  such single log: each master has its own AOF (and its own replication stream to the replica that
+  may replace it), a transaction cannot span slots, and the partition's record
+  (``KeySpace.offsets``, tagged by the partition) sits on one master while the batch's sketches sit
+  on all of them. So ``add`` writes a batch in two steps:
+
+  1. the sketches, as one cluster pipeline; meanwhile ``CLUSTER SLOTS`` names the masters;
+  2. once every master has acknowledged its share, each offset record of ``after``, both under its
+     own key and under one key per master, whose hash tag is chosen to hash to that master's
+     highest slot (``node_record_key``). Redis executes one node's commands one at a time and logs
+     them in that order, so on every master the record follows every write of the batch it took,
+     whichever connection or redirection carried them. A master that loses the tail of its AOF,
+     or a replica promoted with replication lag, loses the record together with those writes.
+
+  ``applied_offsets`` reads ``CLUSTER SLOTS`` afresh and answers, per partition, the *minimum*
+  over the partition's own record and every master's: the consumer resumes where the least
+  advanced master stands, and re-reads (idempotently) what any master lost. A master with no
+  record at all (it lost everything, or it just joined) makes the answer ``None``, and the
+  partition is read from the earliest retained offset. One pipeline for both steps would not do:
+  redis-py re-sends redirected commands after the node pipelines, so a record could reach a node
+  before a redirected write that ends up there.
+- **Slots that move.** The masters are read per batch, alongside the writes, so the records follow
+  resharding and failover at the next batch. Anchoring on a master's *highest* slot keeps the key
+  stable under ``redis-cli --cluster reshard/rebalance``, which moves a node's lowest slots first;
+  a failover keeps slots, hence keys (the replica has the records). A record key that moves with
+  its slot still vouches for its new node: it was written after every earlier write of its batch.
+  What no record can vouch for is a key that ``MIGRATE`` moves to a master that then loses the
+  tail of its AOF: treat a master crash during a reshard like the loss of that master and replay
+  (``usage-metrics replay --from-beginning``).
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import functools
+import itertools
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
@@ -27,6 +74,7 @@ from typing import Any, Literal, TypeAlias
 from redis import exceptions as rexc
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from sketches.errors import CorruptSketch, StoreUnavailable
 from sketches.keys import KeySpace, Workspace
@@ -35,6 +83,13 @@ from sketches.periods import ONE_DAY, Period, date_range, day_of
 RedisClient: TypeAlias = "Redis | RedisCluster"
 Batch: TypeAlias = Mapping[tuple[Workspace, Period], Collection[str]]
 RollingStrategy = Literal["client", "server"]
+
+# ``command key`` for each key, errors kept in place (redis.pcall): one command per chunk.
+_PER_KEY_SCRIPT = (
+    "local out = {} for i, k in ipairs(KEYS) do out[i] = redis.pcall(ARGV[1], k) end return out"
+)
+COUNT_CHUNK = 1024  # a cached PFCOUNT is ~1 us of Redis time
+READ_CHUNK = 64  # 64 dense sketches are 790 KB: well under a millisecond to copy
 
 # Replies that mean "this key holds something else", as opposed to "Redis is not there".
 _CORRUPT_MARKERS = ("WRONGTYPE", "INVALIDOBJ")
@@ -48,11 +103,21 @@ def unavailable(err: rexc.RedisError) -> StoreUnavailable:
     return StoreUnavailable(f"{type(err).__name__}: {err}")
 
 
+def _cluster_unavailable(err: rexc.RedisClusterException) -> StoreUnavailable:
+    """redis-py's cluster client raises ``RedisClusterException``, which is no ``RedisError``, when
+    it cannot reach the cluster or finds slots uncovered: that is an unavailable store. A
+    cross-slot request is a bug in this module, not an outage, and is raised as it is."""
+    if "must map to the same key slot" in str(err):
+        raise err
+    return StoreUnavailable(f"{type(err).__name__}: {err}")
+
+
 async def run_pipeline(client: RedisClient, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Send commands in one round trip; per-command errors come back in place, as values.
 
     A lost connection raises ``StoreUnavailable`` for the whole pipeline: none of it may be assumed
-    written, so the caller must not commit offsets for it.
+    written, so the caller must not commit offsets for it. On a cluster the pipeline is one per
+    node (sent concurrently); the results still come back in the order of ``commands``.
     """
     if not commands:
         return []
@@ -67,6 +132,8 @@ async def run_pipeline(client: RedisClient, commands: Sequence[tuple[Any, ...]])
         raise unavailable(err) from err
     except rexc.RedisError as err:
         raise unavailable(err) from err
+    except rexc.RedisClusterException as err:
+        raise _cluster_unavailable(err) from err
     except OSError as err:
         raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
     for res in results:
@@ -74,6 +141,62 @@ async def run_pipeline(client: RedisClient, commands: Sequence[tuple[Any, ...]])
             # READONLY, LOADING, OOM, MASTERDOWN, CLUSTERDOWN...: the store cannot take writes now.
             raise unavailable(res)
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# Redis Cluster: one offset record per master (see the module docstring)
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _slot_tags() -> tuple[int, ...]:
+    """For each slot, the first n whose ``@n`` hashes there (about 144,000 tries, 0.1 s, once)."""
+    table: list[int | None] = [None] * 16384
+    left = len(table)
+    for n in itertools.count():
+        slot = key_slot(b"@%d" % n)
+        if table[slot] is None:
+            table[slot] = n
+            left -= 1
+            if not left:
+                break
+    return tuple(int(x) for x in table if x is not None)
+
+
+def slot_tag(slot: int) -> str:
+    """A hash tag that lands in ``slot``: the first of ``@0``, ``@1``, ... whose CRC16 falls
+    there. An encoded topic never holds ``@`` (``sketches.keys.encode_id`` escapes it), so these
+    tags can never meet a partition's own tag."""
+    if not 0 <= slot < 16384:
+        raise ValueError(f"no such slot: {slot}")
+    return f"@{_slot_tags()[slot]}"
+
+
+def node_record_key(record_key: str, tag: str) -> str:
+    """``um:offsets:hll:{metrics:0}`` held on the master owning ``tag``'s slot:
+    ``um:offsets:hll:{@123}:{metrics:0}`` (the first braces are the hash tag)."""
+    cut = record_key.index("{")
+    return f"{record_key[:cut]}{{{tag}}}:{record_key[cut:]}"
+
+
+async def master_tags(client: RedisCluster) -> list[str]:
+    """One hash tag per master of the cluster, from a fresh ``CLUSTER SLOTS``: the tag of the
+    highest slot it serves."""
+    try:
+        ranges: Any = await client.cluster_slots()
+    except (rexc.RedisError, OSError) as err:
+        raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
+    except rexc.RedisClusterException as err:
+        raise _cluster_unavailable(err) from err
+    if not isinstance(ranges, Mapping):
+        raise StoreUnavailable(f"unexpected CLUSTER SLOTS reply: {ranges!r}")
+    highest: dict[tuple[str, int], int] = {}
+    for (_, end), node in ranges.items():
+        primary = (str(node["primary"][0]), int(node["primary"][1]))
+        highest[primary] = max(highest.get(primary, -1), int(end))
+    if not highest:
+        raise StoreUnavailable("CLUSTER SLOTS names no master")
+    return sorted(slot_tag(slot) for slot in highest.values())
 
 
 def expire_at(period: Period, retention_days: int) -> int:
@@ -89,6 +212,10 @@ class SketchStore(abc.ABC):
         self.client = client
         self.keys = keys
         self.retention_days = retention_days
+        self.cluster = isinstance(client, RedisCluster)
+        # Every offset record key starts with this (the part before its hash tag).
+        sample = keys.offsets("t", 0)
+        self._record_head = sample[: sample.index("{")]
 
     @abc.abstractmethod
     def _add_command(self, key: str, members: Collection[str]) -> tuple[Any, ...]: ...
@@ -114,7 +241,10 @@ class SketchStore(abc.ABC):
             keys.append(key)
             commands.append(self._add_command(key, members))
             commands.append(("EXPIREAT", key, expire_at(period, self.retention_days)))
-        results = await run_pipeline(self.client, [*commands, *after])
+        if self.cluster and after:
+            results = await self._add_on_cluster(commands, after)
+        else:
+            results = await run_pipeline(self.client, [*commands, *after])
         failed: list[CorruptSketch] = []
         for i, key in enumerate(keys):
             res = results[2 * i]
@@ -122,47 +252,143 @@ class SketchStore(abc.ABC):
                 failed.append(CorruptSketch(key, str(res)))
         return failed
 
+    def _is_record(self, cmd: tuple[Any, ...]) -> bool:
+        return (
+            len(cmd) == 3
+            and str(cmd[0]).upper() == "SET"
+            and isinstance(cmd[1], str)
+            and cmd[1].startswith(self._record_head)
+            and cmd[1][len(self._record_head) :].startswith("{")
+        )
+
+    async def _add_on_cluster(
+        self, commands: Sequence[tuple[Any, ...]], after: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        """Sketches first; ``after`` only once every master has acknowledged them, each offset
+        record written on every master too (see the module docstring)."""
+        assert isinstance(self.client, RedisCluster)
+        outcome = await asyncio.gather(
+            run_pipeline(self.client, commands), master_tags(self.client), return_exceptions=True
+        )
+        for res in outcome:
+            if isinstance(res, BaseException):
+                raise res
+        results, tags = outcome
+        assert isinstance(results, list)
+        assert isinstance(tags, list)
+        seal: list[tuple[Any, ...]] = []
+        for cmd in after:
+            seal.append(cmd)
+            if self._is_record(cmd):
+                _, key, value = cmd
+                seal.extend(("SET", node_record_key(key, tag), value) for tag in tags)
+        await run_pipeline(self.client, seal)
+        return results
+
     async def counts(self, ws: Workspace, periods: Sequence[Period]) -> list[int]:
         """Distinct subjects of each period on its own (0 where nobody logged in)."""
         keys = [self.keys.sketch(ws, p) for p in periods]
-        results = await run_pipeline(self.client, [self._count_command(k) for k in keys])
-        out: list[int] = []
-        for key, res in zip(keys, results, strict=True):
+        results = await self._per_key(self._count_command("")[0], keys, COUNT_CHUNK)
+        return [int(r) for r in results]
+
+    async def _per_key(self, command: str, keys: Sequence[str], chunk: int) -> list[Any]:
+        """``command key`` for every key, in one round trip, raising ``CorruptSketch`` for a key
+        that holds something else.
+
+        A 730-day calendar query counts about 1,000 keys. Sent as 1,000 pipelined commands,
+        redis-py's per-reply bookkeeping cost more than Redis's work; a short Lua loop per chunk
+        runs them inside Redis as one command each (all keys of a workspace share one hash tag,
+        so this holds on a cluster too) and returns one array. Chunks bound how long one script
+        keeps Redis busy."""
+        commands = [
+            ("EVAL", _PER_KEY_SCRIPT, len(part), *part, command)
+            for part in (keys[i : i + chunk] for i in range(0, len(keys), chunk))
+        ]
+        out: list[Any] = []
+        for part_keys, res in zip(
+            (keys[i : i + chunk] for i in range(0, len(keys), chunk)),
+            await run_pipeline(self.client, commands),
+            strict=True,
+        ):
             if isinstance(res, BaseException):
-                raise CorruptSketch(key, str(res))
-            out.append(int(res))
+                raise CorruptSketch(part_keys[0], str(res))
+            for key, value in zip(part_keys, res, strict=True):
+                if isinstance(value, rexc.RedisError):
+                    if not _is_corrupt(value):
+                        raise unavailable(value)
+                    raise CorruptSketch(key, str(value))
+                out.append(value)
         return out
 
-    @abc.abstractmethod
     async def rolling_counts(self, ws: Workspace, first: date, last: date, width: int) -> list[int]:
         """For each day ``d`` of ``first..last``: distinct subjects over ``d - width + 1 .. d``."""
+        return (await self.rolling_counts_many(ws, first, last, [width]))[width]
+
+    @abc.abstractmethod
+    async def rolling_counts_many(
+        self, ws: Workspace, first: date, last: date, widths: Sequence[int]
+    ) -> dict[int, list[int]]:
+        """``rolling_counts`` for several widths, reading each day's sketch once."""
 
     async def day_values(self, ws: Workspace, days: Sequence[date]) -> list[Any]:
         """The raw value of each day's key (``None`` where absent), read in one round trip."""
         keys = [self.keys.sketch(ws, day_of(d)) for d in days]
-        commands = [(self._read_command, k) for k in keys]
-        results = await run_pipeline(self.client, commands)
-        for key, res in zip(keys, results, strict=True):
-            if isinstance(res, BaseException):
-                raise CorruptSketch(key, str(res))
-        return results
+        values = await self._per_key(self._read_command, keys, READ_CHUNK)
+        return [v or None for v in values]
 
     _read_command: str = "GET"
 
     async def applied_offsets(self, partitions: Sequence[tuple[str, int]]) -> list[int | None]:
-        """The next offset the store has applied for each (topic, partition), None if unknown."""
-        commands = [("GET", self.keys.offsets(t, p)) for t, p in partitions]
+        """The next offset the store has applied for each (topic, partition), None if unknown.
+
+        On a cluster: the minimum over the partition's record and every current master's, None
+        if any of them is missing (see the module docstring)."""
+        if not partitions:
+            return []
+        tags: list[str] = []
+        if isinstance(self.client, RedisCluster):
+            tags = await master_tags(self.client)
+        per_partition = 1 + len(tags)
+        commands = []
+        for t, p in partitions:
+            key = self.keys.offsets(t, p)
+            commands.append(("GET", key))
+            commands.extend(("GET", node_record_key(key, tag)) for tag in tags)
         results = await run_pipeline(self.client, commands)
-        return [None if r is None or isinstance(r, BaseException) else int(r) for r in results]
+        out: list[int | None] = []
+        for i in range(0, len(results), per_partition):
+            values = results[i : i + per_partition]
+            if any(r is None or isinstance(r, BaseException) for r in values):
+                out.append(None)
+            else:
+                out.append(min(int(r) for r in values))
+        return out
 
     async def ping(self) -> None:
+        """Raises ``StoreUnavailable`` unless Redis answers; on a cluster, every master must
+        answer and the cluster must say ``cluster_state:ok`` (else it refuses keyed commands)."""
         try:
-            await self.client.ping()
+            if isinstance(self.client, RedisCluster):
+                await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+                info = await self.client.cluster_info()
+                state = info.get("cluster_state") if isinstance(info, Mapping) else None
+                if state not in ("ok", b"ok"):
+                    raise StoreUnavailable(f"cluster_state is {state!r}")
+            else:
+                await self.client.ping()
         except (rexc.RedisError, OSError) as err:
             raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
+        except rexc.RedisClusterException as err:
+            raise _cluster_unavailable(err) from err
 
     async def delete_workspace(self, ws: Workspace) -> int:
-        """Remove every sketch of one workspace (its settings stay); returns keys deleted."""
+        """Remove every sketch of one workspace (its settings stay); returns keys deleted.
+
+        On one Redis: a SCAN for the workspace's prefix. On a cluster all of the workspace sits in
+        one slot (its hash tag), so only that slot is listed, on the master that owns it
+        (``CLUSTER GETKEYSINSLOT``), instead of scanning every key of every node."""
+        if isinstance(self.client, RedisCluster):
+            return await self._delete_workspace_on_cluster(ws)
         pattern = self.keys.workspace_prefix(ws).replace("[", "\\[").replace("]", "\\]")
         pattern = pattern.replace("*", "\\*").replace("?", "\\?") + "*"
         deleted = 0
@@ -179,6 +405,26 @@ class SketchStore(abc.ABC):
                 deleted += int(await self.client.unlink(*batch))
         except (rexc.RedisError, OSError) as err:
             raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
+        return deleted
+
+    async def _delete_workspace_on_cluster(self, ws: Workspace) -> int:
+        assert isinstance(self.client, RedisCluster)
+        prefix = self.keys.workspace_prefix(ws).encode()
+        slot = key_slot(prefix)
+        deleted = 0
+        try:
+            total = int(await self.client.cluster_countkeysinslot(slot))
+            names: list[Any] = (
+                await self.client.cluster_get_keys_in_slot(slot, total) if total else []
+            )
+            keys = [k if isinstance(k, bytes) else str(k).encode() for k in names]
+            mine = [k for k in keys if k.startswith(prefix) and not k.endswith(b":settings")]
+            for i in range(0, len(mine), 500):
+                deleted += int(await self.client.execute_command("UNLINK", *mine[i : i + 500]))
+        except (rexc.RedisError, OSError) as err:
+            raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
+        except rexc.RedisClusterException as err:
+            raise _cluster_unavailable(err) from err
         return deleted
 
 
@@ -210,21 +456,24 @@ class HllStore(SketchStore):
     def _count_command(self, key: str) -> tuple[Any, ...]:
         return ("PFCOUNT", key)
 
-    async def rolling_counts(self, ws: Workspace, first: date, last: date, width: int) -> list[int]:
+    async def rolling_counts_many(
+        self, ws: Workspace, first: date, last: date, widths: Sequence[int]
+    ) -> dict[int, list[int]]:
         if last < first:
-            return []
+            return {w: [] for w in widths}
         if self.rolling == "server":
-            return await self._rolling_server(ws, first, last, width)
+            return {w: await self._rolling_server(ws, first, last, w) for w in widths}
         from sketches import hll
 
-        days = date_range(first - (width - 1) * ONE_DAY, last)
+        lead = max(widths) - 1
+        days = date_range(first - lead * ONE_DAY, last)
         values = await self.day_values(ws, days)
         try:
             registers = hll.decode_many(values)
         except hll.HllFormatError as err:
             raise CorruptSketch(self.keys.sketch(ws, day_of(first)), str(err)) from err
-        merged = hll.rolling_max(registers, width)[width - 1 :]
-        return [int(x) for x in hll.estimate_many(merged)]
+        estimates = hll.rolling_estimates(registers, widths, skip=lead)
+        return {w: estimates[w].tolist() for w in widths}
 
     async def _rolling_server(
         self, ws: Workspace, first: date, last: date, width: int
@@ -252,24 +501,33 @@ class ExactStore(SketchStore):
     def _count_command(self, key: str) -> tuple[Any, ...]:
         return ("SCARD", key)
 
-    async def rolling_counts(self, ws: Workspace, first: date, last: date, width: int) -> list[int]:
+    async def rolling_counts_many(
+        self, ws: Workspace, first: date, last: date, widths: Sequence[int]
+    ) -> dict[int, list[int]]:
         if last < first:
-            return []
-        lead = width - 1
+            return {w: [] for w in widths}
+        lead = max(widths) - 1
         days = date_range(first - lead * ONE_DAY, last)
         members: list[set[bytes]] = [set(v or ()) for v in await self.day_values(ws, days)]
-        window: Counter[bytes] = Counter()
-        out: list[int] = []
-        for i, today in enumerate(members):
-            window.update(today)
-            if i >= width:
-                window.subtract(members[i - width])
-                for m in members[i - width]:
-                    if window[m] <= 0:
-                        del window[m]
-            if i >= lead:
-                out.append(len(window))
-        return out
+        return {w: _sliding_distinct(members, w, lead) for w in widths}
+
+
+def _sliding_distinct(members: Sequence[set[bytes]], width: int, skip: int) -> list[int]:
+    """Distinct members of each ``width`` consecutive days ending at days ``skip..``: a multiset
+    slides over the days, so the cost is one pass over the members, not one union per day."""
+    window: Counter[bytes] = Counter()
+    out: list[int] = []
+    for i, today in enumerate(members):
+        window.update(today)
+        if i >= width:
+            leaving = members[i - width]
+            window.subtract(leaving)
+            for m in leaving:
+                if window[m] <= 0:
+                    del window[m]
+        if i >= skip:
+            out.append(len(window))
+    return out
 
 
 def make_store(

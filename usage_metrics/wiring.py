@@ -20,9 +20,22 @@ from usage_metrics.config import Settings
 log = logging.getLogger(__name__)
 
 
+# Connections per cluster node and process. redis-py's cluster client does not wait for a free
+# connection: past this many commands in flight to one node it fails with "Too many connections",
+# which the API would turn into a 503 (the single-Redis pool is unbounded).
+CLUSTER_MAX_CONNECTIONS_PER_NODE = 1024
+
+
 def make_redis(settings: Settings) -> RedisClient:
     """A client that fails fast (so the API can answer 503 instead of hanging) and retries a
-    dropped connection a few times before giving up on a command."""
+    dropped connection a few times before giving up on a command.
+
+    With ``REDIS_CLUSTER=true``, ``REDIS_URL`` names any node of a Redis Cluster (its database
+    must be 0): the client reads the slot map from it (``CLUSTER SLOTS``) on first use, routes
+    every command to the master owning its slot, follows ``MOVED``/``ASK`` and re-reads the map
+    when slots move or a node fails. Nothing else changes for the caller: ``SketchStore`` makes
+    every operation cluster-safe (see ``sketches.store``).
+    """
     url = settings.redis_url.get_secret_value()
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2)
     errors: list[type[Exception]] = [RedisConnectionError, RedisTimeoutError]
@@ -30,7 +43,8 @@ def make_redis(settings: Settings) -> RedisClient:
         log.info("connecting to Redis Cluster via %s", settings.redis_url_redacted())
         return RedisCluster.from_url(
             url, socket_connect_timeout=2.0, socket_timeout=5.0, retry=retry,
-            retry_on_error=errors,
+            retry_on_error=errors, health_check_interval=30,
+            max_connections=CLUSTER_MAX_CONNECTIONS_PER_NODE,
         )
     return Redis.from_url(
         url, socket_connect_timeout=2.0, socket_timeout=5.0, retry=retry,
