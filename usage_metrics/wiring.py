@@ -16,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sketches.store import RedisClient, RollingStrategy, SketchStore, make_store
 from usage_metrics.config import Settings
+from usage_metrics.fastredis import HiredisPackConnection
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,11 @@ def make_redis(settings: Settings) -> RedisClient:
             url, socket_connect_timeout=2.0, socket_timeout=5.0, retry=retry,
             retry_on_error=errors, health_check_interval=30,
             max_connections=CLUSTER_MAX_CONNECTIONS_PER_NODE,
+            connection_class=HiredisPackConnection,
         )
     return Redis.from_url(
         url, socket_connect_timeout=2.0, socket_timeout=5.0, retry=retry,
+        connection_class=HiredisPackConnection,
         retry_on_error=errors, health_check_interval=30,
     )
 
