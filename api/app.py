@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import dashboard, observability
+from api import dashboard, observability, ratelimit
 from api.auth import Forbidden, TokenVerifier, Unauthenticated
 from api.cache import ResultCache
 from api.routes import router
@@ -124,6 +124,8 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
     app.include_router(dashboard.router)
     api_metrics = observability.ApiMetrics()
     app.add_api_route("/metrics", api_metrics.endpoint, include_in_schema=False)
+    # Inside the observability middleware, so that a 429 gets a request id and is counted.
+    ratelimit.install(app, settings, app.state.verifier)
     app.add_middleware(observability.ObservabilityMiddleware, metrics=api_metrics)
     app.add_middleware(RawPathIds)
     return app

@@ -8,11 +8,12 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
 import orjson
-from fastapi import APIRouter, Body, Depends, Header, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from api.auth import READ_METRICS, WRITE_SETTINGS, Principal
-from api.deps import CacheDep, PrincipalDep, SettingsDep, StoreDep
+from api.deps import CacheDep, PrincipalDep, SettingsDep, StoreDep, get_principal
 from api.schemas import ErrorBody, UsageMetric
 from sketches import workspace_settings as ws_settings
 from sketches.keys import MAX_ORG_ID, MAX_WORKSPACE_ID, Workspace
@@ -21,7 +22,9 @@ from sketches.store import SketchStore, run_pipeline
 from sketches.workspace_settings import WorkspaceSettings
 from usage_metrics.config import Settings
 
-router = APIRouter()
+# Authentication first: a caller without a valid token learns nothing, not even which input
+# would be invalid (router dependencies run before the route's own).
+router = APIRouter(dependencies=[Depends(get_principal)])
 
 USAGE_PATH = "/api/v2/org/{org_id}/workspace/{workspace_id}/metrics/usage"
 SETTINGS_PATH = "/api/v2/org/{org_id}/workspace/{workspace_id}/settings"
@@ -55,7 +58,7 @@ def _path_id(name: str, raw: str, limit: int) -> str:
     except UnicodeDecodeError as err:
         raise invalid(("path", name), "must be percent-encoded UTF-8", raw) from err
     if not 1 <= len(value) <= limit:
-        raise invalid(("path", name), f"must have 1 to {limit} characters", value)
+        raise invalid(("path", name), f"must have 1 to {limit} characters", value[:64])
     return value
 
 
@@ -85,21 +88,22 @@ def settings_writer(ws: WorkspaceDep, caller: PrincipalDep) -> Principal:
 def parse_metrics(values: list[str] | None) -> frozenset[Metric]:
     if not values:
         return frozenset(Metric)
-    if len(values) > MAX_METRIC_VALUES:
+    # Counted after splitting: "dau,dau,..." may not smuggle more values than repeats may.
+    parts = [part for raw in values[: MAX_METRIC_VALUES + 1] for part in raw.split(",")]
+    if len(values) > MAX_METRIC_VALUES or len(parts) > MAX_METRIC_VALUES:
         raise invalid(("query", "metrics"), f"at most {MAX_METRIC_VALUES} values", len(values))
     out: set[Metric] = set()
-    for raw in values:
-        for part in raw.split(","):
-            name = part.strip().lower()
-            if not name:
-                continue
-            try:
-                out.add(Metric(name))
-            except ValueError:
-                raise invalid(
-                    ("query", "metrics"), "each value must be one of dau, wau, mau", part[:64],
-                    kind="enum",
-                ) from None
+    for part in parts:
+        name = part.strip().lower()
+        if not name:
+            continue
+        try:
+            out.add(Metric(name))
+        except ValueError:
+            raise invalid(
+                ("query", "metrics"), "each value must be one of dau, wau, mau", part[:64],
+                kind="enum",
+            ) from None
     return frozenset(out) or frozenset(Metric)
 
 
@@ -257,6 +261,8 @@ async def get_settings(
     SETTINGS_PATH,
     response_model=WorkspaceSettings,
     responses=ERROR_RESPONSES,
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/WorkspaceSettings"}}}}},
     summary="Set the workspace's timezone and excluded subjects",
     description=(
         "Needs `workspace_settings:write` (superadmin, admin). The consumer applies a change "
@@ -268,7 +274,15 @@ async def put_settings(
     ws: WorkspaceDep,
     _caller: Annotated[Principal, Depends(settings_writer)],
     store: StoreDep,
-    body: Annotated[WorkspaceSettings, Body()],
+    request: Request,
 ) -> WorkspaceSettings:
+    # Read after the dependencies, so that an unauthenticated caller gets 401 whatever it sent.
+    try:
+        body = WorkspaceSettings.model_validate_json(await request.body())
+    except ValidationError as err:
+        errors = err.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in errors]
+        ) from None
     await ws_settings.save(store.client, store.keys, ws, body)
     return body

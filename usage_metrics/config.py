@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     # API responses kept per process, reused only under the same data version (never stale).
     result_cache_entries: int = Field(default=4096, ge=0)
 
+    # Rate limiting of the /api/ routes (api.ratelimit): a token bucket per caller (token sub +
+    # org_id, else client IP), per API process. The bucket holds RATE_LIMIT_BURST requests and
+    # refills at RATE_LIMIT_PER_MINUTE; 0 in either turns limiting off.
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+    rate_limit_burst: int = Field(default=60, ge=0)
+
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
