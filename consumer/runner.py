@@ -28,9 +28,9 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -41,7 +41,7 @@ from consumer.batch import Parsed, Prepared, Record, bucket, parse_records
 from consumer.dlq import MAX_DLQ_REQUEST_BYTES, DeadLetters
 from consumer.events import Rules
 from consumer.settings_cache import SettingsCache
-from sketches.errors import StoreUnavailable, UsageMetricsError
+from sketches.errors import CorruptSketch, StoreUnavailable, UsageMetricsError
 from sketches.keys import Workspace
 from sketches.store import SketchStore
 from usage_metrics.config import Settings
@@ -53,6 +53,16 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "USAGE_METRICS_FAULT"
 
 Clock = Callable[[], datetime]
+
+
+T = TypeVar("T")
+
+
+class _Stopped:
+    """What a retried step returns when the consumer was asked to stop before it succeeded."""
+
+
+STOPPED = _Stopped()
 
 
 class ConsumerStalled(UsageMetricsError):
@@ -146,76 +156,68 @@ class BatchWriter:
             after, deferred = [], after
         keys = self.store.keys
         token = uuid.uuid4().hex
-        backoff = 0.1
-        attempt = 0
-        while True:
-            attempt += 1
-            started = time.perf_counter()
-            try:
-                configs = await self.workspace_settings.resolve(parsed.workspaces)
-                prepared = bucket(parsed, configs, self.only)
-                # After the sketches, on the same connection: each written workspace gets a new
-                # version token (API result caches compare it), then the applied offsets.
-                versions = [
-                    ("SET", keys.version(ws), token)
-                    for ws in {ws for ws, _ in prepared.sketches}
-                ]
-                failed = await self.store.add(prepared.sketches, [*versions, *after])
-                break
-            except StoreUnavailable as err:
-                metrics.REDIS_ERRORS.inc()
-                if should_stop():
-                    log.warning("stopping with an unwritten batch (Redis unavailable: %s)", err)
-                    return None
-                log.warning(
-                    "store unavailable (attempt %d), retrying in %.1fs: %s", attempt, backoff, err
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.settings.redis_retry_max_backoff_s)
-        metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - started)
+        timing: list[float] = []
+
+        async def store_batch() -> tuple[Prepared, list[CorruptSketch]]:
+            timing[:] = [time.perf_counter()]
+            configs = await self.workspace_settings.resolve(parsed.workspaces)
+            prepared = bucket(parsed, configs, self.only)
+            # After the sketches, on the same connection: each written workspace gets a new
+            # version token (API result caches compare it), then the applied offsets.
+            written = {ws for ws, _ in prepared.sketches}
+            versions = [("SET", keys.version(ws), token) for ws in written]
+            return prepared, await self.store.add(prepared.sketches, [*versions, *after])
+
+        stored = await self._retrying("storing the batch", store_batch, should_stop)
+        if isinstance(stored, _Stopped):
+            return None
+        prepared, failed = stored
+        metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - timing[0])
         for corrupt in failed:
             metrics.CORRUPT_KEYS.inc()
             log.error("sketch not updated, the key holds something else: %s", corrupt,
                       extra={"key": corrupt.key})
-        await self._send_dead_letters(prepared)
-        if deferred and not await self._record_offsets(deferred, should_stop):
-            return None
+        if self.dead_letters is not None and prepared.dead:
+            dead_letters = self.dead_letters
+            sent = await self._retrying(
+                "sending dead letters", lambda: dead_letters.send(prepared.dead), should_stop
+            )
+            if isinstance(sent, _Stopped):
+                return None
+        if deferred:
+            # The batch is then re-read, its dead letters sent again: at least once, never lost.
+            done = await self._retrying(
+                "storing the batch's offsets", lambda: self.store.add({}, deferred), should_stop
+            )
+            if isinstance(done, _Stopped):
+                return None
         metrics.EVENTS.labels("counted").inc(prepared.logins)
         metrics.EVENTS.labels("filtered").inc(prepared.filtered)
         metrics.EVENTS.labels("excluded").inc(prepared.excluded)
         metrics.EVENTS.labels("dead_lettered").inc(len(prepared.dead))
         return prepared
 
-    async def _record_offsets(
-        self, commands: list[tuple[Any, ...]], should_stop: Callable[[], bool]
-    ) -> bool:
-        """The offsets of a batch whose sketches and dead letters are done, retried like a
-        batch; False when asked to stop first (the batch is then re-read, its dead letters sent
-        again: at least once, never lost)."""
+    async def _retrying(
+        self, what: str, op: Callable[[], Awaitable[T]], should_stop: Callable[[], bool]
+    ) -> T | _Stopped:
+        """Run ``op`` until it succeeds, backing off from 0.1 s to ``REDIS_RETRY_MAX_BACKOFF_S``
+        and logging each failed attempt, while Redis or the broker is away; ``STOPPED`` when
+        asked to stop (or told by the watchdog to give up) between attempts."""
         backoff = 0.1
+        attempt = 0
         while True:
+            attempt += 1
             try:
-                await self.store.add({}, commands)
-                return True
-            except StoreUnavailable as err:
-                metrics.REDIS_ERRORS.inc()
+                return await op()
+            except (StoreUnavailable, KafkaError) as err:
+                if isinstance(err, StoreUnavailable):
+                    metrics.REDIS_ERRORS.inc()
                 if should_stop():
-                    log.warning("stopping before the batch's offsets were stored: %s", err)
-                    return False
-                log.warning("store unavailable for offsets, retrying in %.1fs: %s", backoff, err)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.settings.redis_retry_max_backoff_s)
-
-    async def _send_dead_letters(self, prepared: Prepared) -> None:
-        if self.dead_letters is None or not prepared.dead:
-            return
-        backoff = 0.1
-        while True:
-            try:
-                await self.dead_letters.send(prepared.dead)
-                return
-            except KafkaError as err:
-                log.warning("dead-letter topic unavailable, retrying in %.1fs: %s", backoff, err)
+                    log.warning("stopping before %s succeeded: %s", what, err)
+                    return STOPPED
+                log.warning(
+                    "%s failed (attempt %d), retrying in %.1fs: %s", what, attempt, backoff, err
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.redis_retry_max_backoff_s)
 

@@ -370,10 +370,16 @@ def rolling_estimates(
     union, so only the columns some row touches are merged and counted, and the untouched ones
     are added to each histogram's zero bin: a workspace with tens of users a day touches a few
     thousand of the 16,384 registers, and its query costs that much less."""
-    regs = _checked_registers(registers, ndim=2)
+    regs = registers if registers.dtype == np.uint8 else _checked_registers(registers, ndim=2)
+    if regs.ndim != 2 or regs.shape[1] != M:
+        raise ValueError(f"expected registers of shape (n, {M}), got {regs.shape}")
+    # uint8 needs no range check: a value above 63 could only come from a hand-made dense
+    # value, which decode() reads 6 bits at a time, so it cannot occur.
     touched = np.flatnonzero(regs.any(axis=0))
-    sub = regs if touched.size == M else np.ascontiguousarray(regs[:, touched])
-    untouched = M - touched.size
+    if touched.size > M // 2:  # compressing would copy more than it saves
+        sub, untouched = regs, 0
+    else:
+        sub, untouched = np.ascontiguousarray(regs[:, touched]), M - touched.size
     out: dict[int, npt.NDArray[np.int64]] = {}
     for width in widths:
         merged = rolling_max(sub, width)[skip:]
