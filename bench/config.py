@@ -1,0 +1,171 @@
+"""Sizes of one benchmark run: the full run, ``--quick``, overrides from flags or ``BENCH_*``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    # Ingestion: messages on the topic (a share of them other metric types), one consumer process.
+    events: int = 2_000_000
+    workspaces: int = 1_000
+    ingest_days: int = 90
+    other_share: float = 0.10
+    partitions: int = 4
+    largest_workspace: int = 20_000  # members of the largest workspace (Zipf, s = 1.1)
+    ingest_repeats: int = 3
+    compression: str = "none"
+
+    # Queries: workspaces written straight through the store, 2 years + a 30-day window of days.
+    query_workspaces: int = 100
+    query_days: int = 760
+    large_dau: tuple[int, ...] = (3_000, 10_000, 30_000)
+    exact_days: int = 35  # the most recent days also written in exact mode (memory comparison)
+    warm_requests: int = 300
+    warm_seconds: float = 12.0  # a warm pass stops issuing requests after this long
+    concurrency: tuple[int, ...] = (1, 16)
+    period_lengths: tuple[int, ...] = (30, 365, 730)
+    inproc_repeats: int = 5
+    inproc_server_repeats: int = 3
+    inproc_small_sample: int = 6
+    stage_repeats: int = 5
+    profile_seconds: float = 15.0
+    probe_rounds: int = 3
+    wait_quiet: float = 60.0  # seconds to wait at most for other processes to go quiet
+
+    # Accuracy: log-spaced cardinalities, independent sketches per cardinality.
+    acc_min: int = 10
+    acc_max: int = 1_000_000
+    acc_per_decade: int = 4
+    acc_trials: int = 5
+
+    sections: tuple[str, ...] = ("ingest", "query", "accuracy")
+    profile: bool = True
+    quick: bool = False
+    seed: int = 20_261_124
+    output: str = "bench/results.json"
+    keep_logs: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+QUICK = {
+    "events": 200_000,
+    "workspaces": 200,
+    "largest_workspace": 4_000,
+    "ingest_repeats": 1,
+    "query_workspaces": 20,
+    "period_lengths": (30, 730),
+    "probe_rounds": 2,
+    "wait_quiet": 0.0,
+    "large_dau": (3_000, 8_000),
+    "warm_requests": 40,
+    "warm_seconds": 4.0,
+    "inproc_repeats": 3,
+    "inproc_server_repeats": 1,
+    "inproc_small_sample": 3,
+    "stage_repeats": 3,
+    "profile_seconds": 6.0,
+    "acc_per_decade": 2,
+    "acc_trials": 2,
+}
+
+
+def _tuple_of_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+
+
+def _tuple_of_str(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.replace(" ", "").split(",") if x)
+
+
+def _truthy(text: str) -> bool:
+    return text.strip().lower() in {"1", "true", "yes", "on"}
+
+
+_PARSERS: dict[str, Any] = {
+    "events": int, "workspaces": int, "ingest_days": int, "other_share": float,
+    "partitions": int, "largest_workspace": int, "ingest_repeats": int, "compression": str,
+    "query_workspaces": int, "query_days": int, "large_dau": _tuple_of_ints,
+    "exact_days": int, "warm_requests": int, "warm_seconds": float,
+    "concurrency": _tuple_of_ints, "stage_repeats": int, "profile_seconds": float,
+    "probe_rounds": int, "wait_quiet": float,
+    "period_lengths": _tuple_of_ints, "inproc_repeats": int, "inproc_server_repeats": int,
+    "inproc_small_sample": int, "acc_min": int, "acc_max": int, "acc_per_decade": int,
+    "acc_trials": int, "sections": _tuple_of_str, "seed": int, "output": str,
+}
+
+SECTIONS = ("ingest", "query", "accuracy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="usage-metrics benchmark. Every size is also read from BENCH_<NAME> "
+        "(e.g. BENCH_EVENTS=500000, BENCH_QUICK=1); flags win over the environment.",
+    )
+    p.add_argument("--quick", action="store_true", default=None,
+                   help="a ~2-minute smoke run with smaller sizes")
+    p.add_argument("--no-profile", dest="profile", action="store_false", default=None,
+                   help="skip the py-spy profiles (extra, unmeasured runs)")
+    p.add_argument("--keep-logs", action="store_true", default=None,
+                   help="keep the servers' and processes' log directory")
+    for name, parser in _PARSERS.items():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=str, default=None, dest=name,
+                       help=f"default {getattr(BenchConfig, name, '')!r}"
+                       if not callable(parser) or parser in (int, float, str)
+                       else "comma-separated")
+    return p
+
+
+def load_config(argv: list[str] | None = None) -> tuple[BenchConfig, list[str]]:
+    """The configuration and the command line that reproduces it."""
+    args = build_parser().parse_args(argv)
+    env = os.environ
+
+    def pick(name: str) -> str | None:
+        value = getattr(args, name, None)
+        if value is not None:
+            return str(value)
+        return env.get("BENCH_" + name.upper())
+
+    quick_raw = args.quick if args.quick is not None else _truthy(env.get("BENCH_QUICK", "0"))
+    cfg = BenchConfig()
+    if quick_raw:
+        cfg = replace(cfg, quick=True, **QUICK)
+    changes: dict[str, Any] = {}
+    for name, parser in _PARSERS.items():
+        raw = pick(name)
+        if raw is not None:
+            changes[name] = parser(raw)
+    if args.profile is not None:
+        changes["profile"] = args.profile
+    elif "BENCH_PROFILE" in env:
+        changes["profile"] = _truthy(env["BENCH_PROFILE"])
+    if args.keep_logs is not None:
+        changes["keep_logs"] = True
+    elif "BENCH_KEEP_LOGS" in env:
+        changes["keep_logs"] = _truthy(env["BENCH_KEEP_LOGS"])
+    cfg = replace(cfg, **changes)
+    unknown = set(cfg.sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    command = ["python -m bench"]
+    if cfg.quick:
+        command.append("--quick")
+    for name in _PARSERS:
+        if name in changes:
+            value = changes[name]
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            command.append(f"--{name.replace('_', '-')} {text}")
+    if not cfg.profile:
+        command.append("--no-profile")
+    return cfg, command
+
+
+def as_dict(cfg: BenchConfig) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "extra"}
