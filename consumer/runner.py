@@ -10,6 +10,12 @@ rebalance listener, ``finally: stop()``), with three additions that make "nothin
    partition the store knows nothing of is read from the earliest retained offset, since a
    metrics store should see all the history it can and adds are idempotent. Kafka's committed
    offsets are still committed after each batch, for lag monitoring and tooling.
+   On a Redis Cluster a batch's sketches sit on every master, each with its own AOF, and no
+   transaction spans slots: the store writes the sketches first and, once every master has
+   acknowledged them, the offset records, the partition's own and one copy per master
+   (hash-tagged into that master's slots), so that on each master the record follows that
+   master's share of the batch. The applied offset is the minimum over the masters' records, so
+   a master that lost the tail of its log drags the resume point back (``sketches/store.py``).
 2. **Redis down means wait, not skip.** A write that fails for want of Redis is retried with a
    growing backoff, each attempt logged; nothing is committed or dead-lettered meanwhile.
 3. **A revocation waits for the batch in flight.** Processing holds a lock that
