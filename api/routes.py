@@ -136,15 +136,6 @@ def render_csv(rows: list[UsageRow]) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
-async def workspace_config(
-    store: StoreDep, settings: SettingsDep, ws: Workspace
-) -> WorkspaceSettings:
-    (stored,) = await ws_settings.load_many(
-        store.client, store.keys, [ws], settings.default_timezone
-    )
-    return stored
-
-
 async def config_and_version(
     store: SketchStore, settings: Settings, ws: Workspace
 ) -> tuple[WorkspaceSettings, bytes | None]:
@@ -254,7 +245,8 @@ async def get_settings(
     settings: SettingsDep,
     store: StoreDep,
 ) -> WorkspaceSettings:
-    return await workspace_config(store, settings, ws)
+    config, _version = await config_and_version(store, settings, ws)
+    return config
 
 
 @router.put(

@@ -9,37 +9,24 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
 
-from consumer.runner import FAULT_ENV, GroupConsumer
+from consumer.runner import FAULT_ENV
 from sketches.keys import Workspace
 from sketches.periods import utc_today
 from sketches.query import Window, usage
 from sketches.store import SketchStore
 from tests.support.compare import assert_rows_match, rows_as_dicts
-from tests.support.kafka import committed, merge_ends, produce, read_all, wait_applied
+from tests.support.kafka import committed, merge_ends, produce, read_all, running, wait_applied
 from tests.support.oracle import Oracle
 from usage_metrics.config import Settings
 from usage_metrics.synth import SynthEvent
 
 TODAY = utc_today()
 
-
-@asynccontextmanager
-async def running(settings: Settings, store: SketchStore) -> AsyncIterator[GroupConsumer]:
-    stop = asyncio.Event()
-    group = GroupConsumer(settings, store)
-    task = asyncio.create_task(group.run(stop))
-    try:
-        yield group
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 def synth(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,7 +12,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from consumer.replay import ReplayStart, replay
-from consumer.runner import GroupConsumer
 from sketches.store import SketchStore
 from tests.faults.helpers import (
     assert_buckets_exact,
@@ -26,22 +23,11 @@ from tests.faults.helpers import (
     unique,
     wait_until,
 )
-from tests.support.kafka import committed, merge_ends, produce, wait_applied
+from tests.support.kafka import committed, merge_ends, produce, running, wait_applied
 from usage_metrics.config import Settings
 
 EARLIEST = "reading from the earliest retained offset"
 
-
-@asynccontextmanager
-async def consuming(settings: Settings, store: SketchStore) -> AsyncIterator[GroupConsumer]:
-    stop = asyncio.Event()
-    group = GroupConsumer(settings, store)
-    task = asyncio.create_task(group.run(stop))
-    try:
-        yield group
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def test_a_group_whose_offsets_are_gone_reads_from_the_earliest_and_says_so(
@@ -51,7 +37,7 @@ async def test_a_group_whose_offsets_are_gone_reads_from_the_earliest_and_says_s
     await make_topics(settings, partitions=2)
     traffic = logins(800, seed=21)
     ends = await produce(settings.kafka_bootstrap_servers, settings.kafka_topic, traffic.values)
-    async with consuming(settings, store):
+    async with running(settings, store):
         await wait_applied(store, settings.kafka_topic, ends)
 
     # Every trace of progress is gone: a new group (nothing committed), no offset records in
@@ -66,7 +52,7 @@ async def test_a_group_whose_offsets_are_gone_reads_from_the_earliest_and_says_s
     assert before == {p: None for p in ends}
 
     caplog.set_level(logging.INFO, logger="consumer.runner")
-    async with consuming(fresh, store):
+    async with running(fresh, store):
         await wait_applied(store, settings.kafka_topic, ends)
     said = [r.getMessage() for r in caplog.records if EARLIEST in r.getMessage()]
     assert said, caplog.text
@@ -89,7 +75,7 @@ async def test_replay_from_a_timestamp_asks_offsets_for_times_and_changes_no_cou
     await asyncio.sleep(0.05)
     ends = merge_ends(ends, await produce(settings.kafka_bootstrap_servers, settings.kafka_topic,
                                           newer.values))
-    async with consuming(settings, store):
+    async with running(settings, store):
         await wait_applied(store, settings.kafka_topic, ends)
     everything = [*older.events, *newer.events]
     # The newer workspaces lost their sketches: a replay from ``moment`` must bring them back.

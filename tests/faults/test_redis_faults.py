@@ -21,7 +21,6 @@ import pytest
 
 from api.app import create_app
 from api.auth import issue_token
-from consumer.runner import GroupConsumer
 from sketches.keys import Workspace
 from sketches.periods import day_of, week_of
 from sketches.store import SketchStore
@@ -40,7 +39,7 @@ from tests.faults.helpers import (
     wait_until,
 )
 from tests.support.compare import assert_rows_match
-from tests.support.kafka import committed, merge_ends, produce, wait_applied
+from tests.support.kafka import committed, merge_ends, produce, running, wait_applied
 from tests.support.servers import RedisServer
 from usage_metrics.config import Settings
 from usage_metrics.synth import SynthEvent
@@ -205,17 +204,6 @@ def expected_buckets_of(settings: Settings, events: list[SynthEvent]) -> dict[st
     return expected_buckets(_Keys(), events)  # type: ignore[arg-type]
 
 
-@asynccontextmanager
-async def consuming(settings: Settings, store: SketchStore) -> AsyncIterator[GroupConsumer]:
-    stop = asyncio.Event()
-    group = GroupConsumer(settings, store)
-    task = asyncio.create_task(group.run(stop))
-    try:
-        yield group
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-
 
 def _login(org: str, ws: str, subject: str, days_ago: int) -> SynthEvent:
     from datetime import UTC, datetime
@@ -253,7 +241,7 @@ async def test_a_corrupt_or_wrong_type_key_is_logged_and_the_rest_of_the_batch_k
     ends = await produce(settings.kafka_bootstrap_servers, settings.kafka_topic,
                          [e.to_json() for e in events])
     caplog.set_level(logging.ERROR, logger="consumer.runner")
-    async with consuming(settings, store) as group:
+    async with running(settings, store) as group:
         await wait_applied(store, settings.kafka_topic, ends, timeout=60)
         batches = group.batches
     # Logged with the key, once per batch that touched it: no retry loop on a reply that will

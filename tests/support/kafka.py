@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
+from consumer.runner import GroupConsumer
 from sketches.store import SketchStore
+from usage_metrics.config import Settings
+
+
+@asynccontextmanager
+async def running(settings: Settings, store: SketchStore) -> AsyncIterator[GroupConsumer]:
+    """The real group consumer, in this process, for the duration of the block."""
+    stop = asyncio.Event()
+    group = GroupConsumer(settings, store)
+    task = asyncio.create_task(group.run(stop))
+    try:
+        yield group
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
 
 
 async def produce(
