@@ -8,12 +8,12 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime
 
 from usage_metrics.config import Settings
 from usage_metrics.logs import setup_logging
+from usage_metrics.progress import progress_bar
 
 log = logging.getLogger("usage_metrics")
 
@@ -47,43 +47,6 @@ async def _consume(settings: Settings) -> int:
     return 0
 
 
-@contextmanager
-def _progress(topic: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar with rate and ETA; yields the callback replay reports to."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        Task,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        def render(self, task: Task) -> Text:
-            return Text(f"{task.speed or 0:,.0f} msg/s")
-
-    with Progress(
-        TextColumn(f"replay {topic}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        RateColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ) as bar:
-        task = bar.add_task("replay", total=None)
-
-        def report(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield report
-
-
 def _offsets_arg(text: str) -> dict[int, int]:
     from consumer.replay import parse_offsets
 
@@ -113,7 +76,7 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
         start = ReplayStart("timestamp", timestamp=args.from_timestamp)
     else:
         start = ReplayStart("offsets", offsets=args.from_offsets)
-    with _progress(settings.kafka_topic) as report:
+    with progress_bar(f"replay {settings.kafka_topic}") as report:
         async with open_store(settings) as store:
             stats = await replay(settings, store, start, progress=report)
     sys.stdout.write(
@@ -133,7 +96,7 @@ async def _rebuild(settings: Settings, org: str, workspace: str) -> int:
         deleted = await store.delete_workspace(ws)
         log.info("deleted %d sketches of %s/%s; replaying the retained topic", deleted, org,
                  workspace)
-        with _progress(settings.kafka_topic) as report:
+        with progress_bar(f"replay {settings.kafka_topic}") as report:
             stats = await replay(settings, store, ReplayStart("beginning"), progress=report,
                                  only=ws)
     sys.stdout.write(

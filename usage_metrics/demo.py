@@ -32,11 +32,16 @@ from api.auth import issue_token
 from consumer.runner import GroupConsumer
 from sketches.periods import utc_today
 from usage_metrics.config import Settings
+from usage_metrics.progress import progress_bar
 from usage_metrics.synth import logins, workspace_sizes
 from usage_metrics.wiring import open_store
 
 WORKSPACES = [("acme", "engineering"), ("acme", "sales"), ("globex", "main"),
               ("initech", "ops"), ("umbrella", "research"), ("hooli", "platform")]
+
+
+# A few messages the consumer must dead-letter, to show the dead-letter topic at work.
+BROKEN = (b"not json", b'{"metric_type": "login", "subject": ""}', b"[1,2]")
 
 
 def _free_port(preferred: int | None = None) -> int:
@@ -120,12 +125,16 @@ async def _publish(settings: Settings, days: int) -> int:
     )
     await producer.start()
     sent = 0
+    events = list(logins(spaces, first, days, other_types=0.1))
     try:
-        for event in logins(spaces, first, days, other_types=0.1):
-            key = f"{event.org_id}/{event.workspace_id}".encode()
-            await producer.send(settings.kafka_topic, event.to_json(), key=key)
-            sent += 1
-        for broken in (b"not json", b'{"metric_type": "login", "subject": ""}', b"[1,2]"):
+        with progress_bar("publishing", stderr=True) as report:
+            for event in events:
+                key = f"{event.org_id}/{event.workspace_id}".encode()
+                await producer.send(settings.kafka_topic, event.to_json(), key=key)
+                sent += 1
+                if sent % 500 == 0 or sent == len(events):
+                    report(sent, len(events))
+        for broken in BROKEN:
             await producer.send(settings.kafka_topic, broken)
         await producer.flush()
     finally:
@@ -160,7 +169,7 @@ async def run_demo(port: int, days: int, exit_when_ready: bool) -> int:
                 create_app(settings, store), host="127.0.0.1", port=port, log_level="warning",
             ))
             serve = asyncio.create_task(server.serve())
-            await _caught_up(group, settings, store)
+            await _caught_up(group, sent + len(BROKEN))
             token = issue_token(settings, role="admin", org_id="acme", ttl_seconds=86400,
                                 now=time.time())
             _say(f"\n{sent} logins published and counted. Ask for 30 days of acme/engineering:\n")
@@ -186,12 +195,14 @@ async def run_demo(port: int, days: int, exit_when_ready: bool) -> int:
     return 0
 
 
-async def _caught_up(group: GroupConsumer, settings: Settings, store: object) -> None:
-    """Wait until the consumer has read to the end of every partition."""
+async def _caught_up(group: GroupConsumer, total: int) -> None:
+    """Wait until the consumer has read to the end of every partition, showing its progress."""
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-        lag = await group.lag()
-        if group.batches and lag and max(lag.values()) == 0 and len(lag) == 4:
-            return
+    with progress_bar("consuming", stderr=True) as report:
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+            lag = await group.lag()
+            report(max(0, total - sum(lag.values())) if len(lag) == 4 else 0, total)
+            if group.batches and lag and max(lag.values()) == 0 and len(lag) == 4:
+                return
     raise TimeoutError("the consumer did not catch up within 120 s")
