@@ -265,6 +265,8 @@ class GroupConsumer:
         if not assigned:
             return
         tps = sorted(assigned)
+        # A new assignment may follow a Redis that lost writes: re-send every key's expiry.
+        self.store.forget_expiries()
         attempt = 0
         while True:
             attempt += 1

@@ -67,6 +67,7 @@ import abc
 import asyncio
 import functools
 import itertools
+import time as time_module
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
@@ -89,6 +90,8 @@ RollingStrategy = Literal["client", "server"]
 _PER_KEY_SCRIPT = (
     "local out = {} for i, k in ipairs(KEYS) do out[i] = redis.pcall(ARGV[1], k) end return out"
 )
+EXPIRY_MEMORY_KEYS = 1_000_000  # ~100 MB of key names at most
+EXPIRY_MEMORY_SECONDS = 600.0
 COUNT_CHUNK = 16  # a cached PFCOUNT is ~1 us, recounting a dense sketch ~0.3 ms: <= 5 ms a chunk
 READ_CHUNK = 16  # 16 dense sketches are 197 KB: well under a millisecond to copy
 
@@ -217,6 +220,9 @@ class SketchStore(abc.ABC):
         # Every offset record key starts with this (the part before its hash tag).
         sample = keys.offsets("t", 0)
         self._record_head = sample[: sample.index("{")]
+        # Keys this process has already given their expiry (see ``add``).
+        self._expiring: set[str] = set()
+        self._expiring_since = time_module.monotonic()
 
     @abc.abstractmethod
     def _add_command(self, key: str, members: Collection[str]) -> tuple[Any, ...]: ...
@@ -233,25 +239,45 @@ class SketchStore(abc.ABC):
         Returns the keys that could not be written because they hold something else: the rest of
         the batch is kept, and the caller decides what to log.
         """
+        # A key's deadline depends only on the key, so one EXPIREAT per key is enough; a live
+        # stream re-touches the same day/week/month keys in every batch, and a backfill the
+        # same 90 days, so the process remembers which keys it has given one and sends only
+        # the adds for those: half the commands. The memory is dropped now and then (and may
+        # be dropped at any time: ``forget_expiries``), so a key that lost its TTL with a Redis
+        # that lost writes gets it back within EXPIRY_MEMORY_SECONDS.
+        if (
+            len(self._expiring) > EXPIRY_MEMORY_KEYS
+            or time_module.monotonic() - self._expiring_since > EXPIRY_MEMORY_SECONDS
+        ):
+            self.forget_expiries()
         commands: list[tuple[Any, ...]] = []
-        keys: list[str] = []
+        keys: list[tuple[str, int, bool]] = []  # key, index of its add, whether EXPIREAT sent
         for (ws, period), members in batch.items():
             if not members:
                 continue
             key = self.keys.sketch(ws, period)
-            keys.append(key)
+            fresh = key not in self._expiring
+            keys.append((key, len(commands), fresh))
             commands.append(self._add_command(key, members))
-            commands.append(("EXPIREAT", key, expire_at(period, self.retention_days)))
+            if fresh:
+                commands.append(("EXPIREAT", key, expire_at(period, self.retention_days)))
         if self.cluster and after:
             results = await self._add_on_cluster(commands, after)
         else:
             results = await run_pipeline(self.client, [*commands, *after])
         failed: list[CorruptSketch] = []
-        for i, key in enumerate(keys):
-            res = results[2 * i]
+        for key, index, fresh in keys:
+            res = results[index]
             if isinstance(res, BaseException):
                 failed.append(CorruptSketch(key, str(res)))
+            elif fresh and not isinstance(results[index + 1], BaseException):
+                self._expiring.add(key)
         return failed
+
+    def forget_expiries(self) -> None:
+        """Send EXPIREAT again for every key from the next batch on."""
+        self._expiring = set()
+        self._expiring_since = time_module.monotonic()
 
     def _is_record(self, cmd: tuple[Any, ...]) -> bool:
         return (

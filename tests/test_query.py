@@ -171,3 +171,24 @@ async def test_a_row_never_depends_on_period_length(
     b = {r["date"]: r for r in await rows(store, ws, end, n2, window)}
     for day in a.keys() & b.keys():
         assert a[day] == b[day]
+
+
+async def test_each_key_gets_its_expiry_once_until_forgotten(
+    store: SketchStore, redis_client: aioredis.Redis
+) -> None:
+    d = date(2026, 11, 20)
+    key = store.keys.sketch(WS, day_of(d))
+
+    async def expireats() -> int:
+        stats = await redis_client.info("commandstats")
+        return int(stats.get("cmdstat_expireat", {}).get("calls", 0))
+
+    await add_logins(store, [(WS, "a", d)])
+    before = await expireats()
+    await add_logins(store, [(WS, "b", d)])
+    assert await expireats() == before  # already has its deadline: only the adds were sent
+    await redis_client.persist(key)  # as if Redis had lost the EXPIREAT with a lost AOF tail
+    store.forget_expiries()
+    await add_logins(store, [(WS, "c", d)])
+    assert await expireats() == before + 3  # day, week and month keys get theirs again
+    assert await redis_client.expiretime(key) == expire_at(day_of(d), store.retention_days)
