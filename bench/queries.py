@@ -248,15 +248,21 @@ def _sample(cfg: BenchConfig, data: QueryData) -> list[QueryWorkspace]:
     return small + [q for q in data.workspaces if q.cls == "large"]
 
 
-async def strategies_section(
-    cfg: BenchConfig, data: QueryData, redis_url: str, today: date
-) -> dict[str, Any]:
+def _both_strategies(data: QueryData, redis_url: str) -> tuple[Redis, dict[str, HllStore]]:
+    """One client and the two rolling strategies over the same keys: the default client merge
+    and its baseline, one multi-key PFCOUNT per row."""
     client = Redis.from_url(redis_url)
     keys = KeySpace(data.prefix, "hll")
-    stores = {
+    return client, {
         "client": HllStore(client, keys, RETENTION_DAYS, rolling="client"),
         "server": HllStore(client, keys, RETENTION_DAYS, rolling="server"),
     }
+
+
+async def strategies_section(
+    cfg: BenchConfig, data: QueryData, redis_url: str, today: date
+) -> dict[str, Any]:
+    client, stores = _both_strategies(data, redis_url)
     horizon = today - timedelta(days=RETENTION_DAYS)
     variants = {"all": frozenset(Metric), "wau_mau": frozenset({Metric.WAU, Metric.MAU})}
     rows_out: list[dict[str, Any]] = []
@@ -382,12 +388,7 @@ async def _invalidate_workspace(client: Redis, keys: KeySpace, ws: Workspace) ->
 async def redis_cost_section(
     cfg: BenchConfig, data: QueryData, redis_url: str, today: date
 ) -> dict[str, Any]:
-    client = Redis.from_url(redis_url)
-    keys = KeySpace(data.prefix, "hll")
-    stores = {
-        "client": HllStore(client, keys, RETENTION_DAYS, rolling="client"),
-        "server": HllStore(client, keys, RETENTION_DAYS, rolling="server"),
-    }
+    client, stores = _both_strategies(data, redis_url)
     horizon = today - timedelta(days=RETENTION_DAYS)
     length = max(cfg.period_lengths)
     large = [q for q in data.workspaces if q.cls == "large"]
@@ -414,7 +415,7 @@ async def redis_cost_section(
             rounds = []
             for _ in range(cfg.probe_rounds):
                 if cold:
-                    await _invalidate_workspace(client, keys, target.ws)
+                    await _invalidate_workspace(client, stores["client"].keys, target.ws)
                 await client.config_set("slowlog-max-len", 1_000_000)
                 await client.config_set("slowlog-log-slower-than", 0)
                 await client.slowlog_reset()
@@ -441,7 +442,10 @@ async def redis_cost_section(
             mid = rounds[len(rounds) // 2]
             probe = await _probe(
                 redis_url, lambda w=window, s=strategy: query(w, s), cfg.probe_rounds,
-                prepare=(lambda: _invalidate_workspace(client, keys, target.ws)) if cold else None,
+                prepare=(
+                    (lambda: _invalidate_workspace(client, stores["client"].keys, target.ws))
+                    if cold else None
+                ),
             )
             row = {
                 "query": name,

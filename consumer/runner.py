@@ -146,21 +146,19 @@ class BatchWriter:
         Returns None when asked to stop before the store took the batch: the caller must then
         not commit.
         """
-        after: list[tuple[Any, ...]] = []
-        if record_offsets:
-            keys = self.store.keys
-            after = [
-                ("SET", keys.offsets(tp.topic, tp.partition), offset)
-                for tp, offset in parsed.next_offsets.items()
-            ]
+        keys = self.store.keys
+        offsets: list[tuple[Any, ...]] = [
+            ("SET", keys.offsets(tp.topic, tp.partition), offset)
+            for tp, offset in parsed.next_offsets.items()
+        ] if record_offsets else []
         # The store's offsets decide where a restart resumes, so they are recorded only once the
         # batch's dead letters are acknowledged: recorded with the sketches, a crash before the
         # dead letters went out would skip them for good. (Fault suite: a crash after the store
         # write loses no dead letter.)
-        deferred: list[tuple[Any, ...]] = []
-        if after and self.dead_letters is not None and parsed.dead:
-            after, deferred = [], after
-        keys = self.store.keys
+        if self.dead_letters is not None and parsed.dead:
+            after, deferred = [], offsets
+        else:
+            after, deferred = offsets, []
         token = uuid.uuid4().hex
         timing: list[float] = []
 

@@ -29,6 +29,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sketches.keys import KeySpace, Workspace
+from sketches.store import run_pipeline
 
 MAX_EXCLUDED = 100
 MAX_PATTERN = 256
@@ -139,8 +140,6 @@ async def load_many(
     client: Any, keys: KeySpace, workspaces: Sequence[Workspace], default_timezone: str
 ) -> list[WorkspaceSettings]:
     """Each workspace's settings in one round trip (defaults where none are stored)."""
-    from sketches.store import run_pipeline
-
     results = await run_pipeline(client, [("GET", k) for k in settings_keys(keys, workspaces)])
     return [
         decode(None if isinstance(r, BaseException) else r, default_timezone) for r in results
@@ -148,6 +147,4 @@ async def load_many(
 
 
 async def save(client: Any, keys: KeySpace, ws: Workspace, settings: WorkspaceSettings) -> None:
-    from sketches.store import run_pipeline
-
     await run_pipeline(client, [("SET", keys.settings(ws), encode(settings))])
