@@ -1,7 +1,8 @@
 """Every Redis key the service writes, built in one place.
 
 Layout: ``<prefix>:{<org>:<workspace>}:<mode>:<granularity>:<label>``, for example
-``um:{acme:ws-1}:hll:w:2026-W53``.
+``um:{acme:ws-1}:hll:w:2026-W53``. An org's own sketches (its members counted once across all of
+its workspaces) sit under ``{<org>}``: ``um:{acme}:hll:d:2026-11-24``.
 
 - The braces are a Redis Cluster hash tag: every key of one workspace hashes to one slot, so a
   pipeline, a multi-key ``PFCOUNT`` or an ``MGET`` over a workspace never fails with ``CROSSSLOT``.
@@ -12,6 +13,13 @@ Layout: ``<prefix>:{<org>:<workspace>}:<mode>:<granularity>:<label>``, for examp
   close the hash tag early.
 - The mode is part of the key: a set and a HyperLogLog can never meet under one name, so switching
   ``SKETCH_MODE`` starts empty instead of failing with ``WRONGTYPE``.
+
+A *scope* is what one series of sketches counts: a workspace, or a whole org. Both are a
+``Workspace`` tuple; an org is ``Workspace(org_id, "")``, which can never be a workspace because a
+workspace id is never empty. Its hash tag ``{<org>}`` holds no ``:``, so no workspace tag can equal
+it, and an org's keys never share a slot requirement with its workspaces': a query of one scope
+never crosses slots, and org sketches are written at ingestion beside the workspace's rather than
+unioned from many workspaces at query time.
 """
 
 from __future__ import annotations
@@ -28,11 +36,29 @@ MAX_WORKSPACE_ID = 128
 
 
 class Workspace(NamedTuple):
-    """An (org, workspace) pair. A named tuple rather than a frozen dataclass: it is built and
-    hashed for every event on the consumer's hot path, where tuples are several times cheaper."""
+    """An (org, workspace) pair, or an org's own scope (``workspace_id == ""``). A named tuple
+    rather than a frozen dataclass: it is built and hashed for every event on the consumer's hot
+    path, where tuples are several times cheaper."""
 
     org_id: str
     workspace_id: str
+
+    @property
+    def is_org(self) -> bool:
+        return not self.workspace_id
+
+    @property
+    def org(self) -> Workspace:
+        """The org scope this workspace belongs to."""
+        return Workspace(self.org_id, ORG_SCOPE)
+
+
+ORG_SCOPE = ""
+"""The workspace id of an org's own scope."""
+
+
+def org_scope(org_id: str) -> Workspace:
+    return Workspace(org_id, ORG_SCOPE)
 
 
 def encode_id(raw: str) -> str:
@@ -46,6 +72,8 @@ def decode_id(encoded: str) -> str:
 @functools.lru_cache(maxsize=65536)
 def _hash_tag(org_id: str, workspace_id: str) -> str:
     # Cached: a query builds ~1,000 keys of one workspace and a batch thousands of a few hundred.
+    if not workspace_id:
+        return "{" + encode_id(org_id) + "}"
     return "{" + encode_id(org_id) + ":" + encode_id(workspace_id) + "}"
 
 
@@ -61,9 +89,25 @@ class KeySpace:
         """Everything of one workspace starts with this (used to scan or delete it)."""
         return f"{self.prefix}:{self.hash_tag(ws)}:"
 
+    @property
+    def kind(self) -> str:
+        return "hll" if self.mode == "hll" else "set"
+
     def sketch(self, ws: Workspace, period: Period) -> str:
-        kind = "hll" if self.mode == "hll" else "set"
-        return f"{self.workspace_prefix(ws)}{kind}:{period.granularity.value}:{period.label}"
+        return f"{self.workspace_prefix(ws)}{self.kind}:{period.granularity.value}:{period.label}"
+
+    def seq(self, ws: Workspace) -> str:
+        """A counter the write path increments once per batch that touches the scope; its value
+        stamps the days that batch wrote (``sketches.results``)."""
+        return f"{self.workspace_prefix(ws)}{self.kind}:seq"
+
+    def stamps(self, ws: Workspace) -> str:
+        """The per-day change stamps of the scope: a ring of u32 ``seq`` values (``BITFIELD``)."""
+        return f"{self.workspace_prefix(ws)}{self.kind}:stamps"
+
+    def result(self, ws: Workspace, variant: str) -> str:
+        """A stored result of the scope (``variant`` names its timezone and week start)."""
+        return f"{self.workspace_prefix(ws)}{self.kind}:result:{variant}"
 
     def settings(self, ws: Workspace) -> str:
         return f"{self.workspace_prefix(ws)}settings"
@@ -71,8 +115,7 @@ class KeySpace:
     def version(self, ws: Workspace) -> str:
         """A token the consumer replaces after every batch that writes this workspace's
         sketches; an API result cached under the same token cannot be stale."""
-        kind = "hll" if self.mode == "hll" else "set"
-        return f"{self.workspace_prefix(ws)}{kind}:version"
+        return f"{self.workspace_prefix(ws)}{self.kind}:version"
 
     def offsets(self, topic: str, partition: int) -> str:
         """How far the store has applied one partition (the next offset to read).
@@ -89,5 +132,7 @@ class KeySpace:
         if not key.startswith(head):
             raise ValueError(f"not a key of prefix {self.prefix!r}: {key!r}")
         tag = key[len(head) : key.index("}", len(head))]
+        if ":" not in tag:
+            return org_scope(decode_id(tag))
         org, ws = tag.split(":")
         return Workspace(decode_id(org), decode_id(ws))

@@ -1,4 +1,5 @@
-"""Per-workspace settings: the timezone its days are counted in, and subjects left out.
+"""Per-workspace and per-org settings: the timezone days are counted in, the day weeks start on,
+and (workspaces only) subjects left out.
 
 Product-analytics tools keep one timezone per project and bucket events by its local date; this
 does the same per workspace. A login counts on the local date of its timestamp in the
@@ -8,6 +9,10 @@ then on; ``usage-metrics rebuild`` re-buckets the retained history.
 Settings live in Redis beside the workspace's sketches (same hash tag, one JSON string). The
 consumer caches them for ``SETTINGS_CACHE_SECONDS`` so that a change is seen within a bounded time
 without one extra read per event.
+
+An org has settings of its own (timezone, week start) for its org-level sketches: its members are
+counted on the org's local dates, whatever the zones of its workspaces. A login that its
+workspace excludes is left out of the org's sketches too.
 
 Excluded subjects are exact names or ``*``/``?`` glob patterns (``qa-*``), matched
 case-sensitively: member ids are case-sensitive, and a pattern that silently matched more than it
@@ -29,6 +34,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sketches.keys import KeySpace, Workspace
+from sketches.periods import WeekStart
 from sketches.store import run_pipeline
 
 MAX_EXCLUDED = 100
@@ -69,6 +75,10 @@ class WorkspaceSettings(BaseModel):
         max_length=MAX_EXCLUDED,
         description="exact subjects or '*' glob patterns whose logins are not counted",
     )
+    week_start: WeekStart = Field(
+        default="monday",
+        description="first day of a calendar week: monday (ISO) or sunday",
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -85,6 +95,31 @@ class WorkspaceSettings(BaseModel):
         return values
 
 
+class OrgSettings(BaseModel):
+    """The body of ``GET``/``PUT /api/v2/org/{org_id}/settings``: how the org's own sketches
+    count days and weeks."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"example": {"timezone": "Europe/Berlin", "week_start": "monday"}},
+    )
+
+    timezone: str = Field(description="IANA timezone the org's days are counted in")
+    week_start: WeekStart = Field(
+        default="monday",
+        description="first day of a calendar week: monday (ISO) or sunday",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        zone(value)
+        return value
+
+
+ScopeSettings = WorkspaceSettings | OrgSettings
+
+
 @dataclass(frozen=True)
 class Resolved:
     """Settings ready for the hot path: the zone object and one compiled matcher."""
@@ -92,6 +127,12 @@ class Resolved:
     timezone: str
     tz: tzinfo
     excluded: re.Pattern[str] | None = field(default=None)
+    week_start: WeekStart = "monday"
+
+    @property
+    def variant(self) -> str:
+        """What shapes a scope's stored results besides its sketches: its zone and week."""
+        return f"{self.timezone}|{self.week_start}"
 
     def local_date(self, moment: datetime) -> date:
         return moment.astimezone(self.tz).date()
@@ -100,23 +141,27 @@ class Resolved:
         return self.excluded is not None and self.excluded.fullmatch(subject) is not None
 
 
-def resolve(settings: WorkspaceSettings) -> Resolved:
+def resolve(settings: ScopeSettings) -> Resolved:
     matcher = None
-    if settings.excluded_subjects:
+    if isinstance(settings, WorkspaceSettings) and settings.excluded_subjects:
         # fnmatch.translate gives an anchored regex per pattern; '[' is escaped first so that
         # only '*' and '?' are wildcards, as the API documents.
         parts = [
             fnmatch.translate(p.replace("[", "[[]")) for p in settings.excluded_subjects
         ]
         matcher = re.compile("|".join(f"(?:{p})" for p in parts), re.DOTALL)
-    return Resolved(settings.timezone, zone(settings.timezone), matcher)
+    return Resolved(settings.timezone, zone(settings.timezone), matcher, settings.week_start)
 
 
 def default_settings(timezone: str) -> WorkspaceSettings:
     return WorkspaceSettings(timezone=timezone, excluded_subjects=[])
 
 
-def encode(settings: WorkspaceSettings) -> bytes:
+def default_org_settings(timezone: str) -> OrgSettings:
+    return OrgSettings(timezone=timezone)
+
+
+def encode(settings: ScopeSettings) -> bytes:
     return orjson.dumps(settings.model_dump())
 
 
@@ -132,19 +177,36 @@ def decode(raw: bytes | str | None, default_timezone: str) -> WorkspaceSettings:
         return default_settings(default_timezone)
 
 
+def decode_org(raw: bytes | str | None, default_timezone: str) -> OrgSettings:
+    """An org's stored settings, or the defaults (as ``decode``)."""
+    if raw is None:
+        return default_org_settings(default_timezone)
+    try:
+        data: Any = orjson.loads(raw)
+        return OrgSettings.model_validate(data)
+    except (orjson.JSONDecodeError, ValueError):
+        return default_org_settings(default_timezone)
+
+
+def decode_scope(raw: bytes | str | None, scope: Workspace, default_timezone: str) -> ScopeSettings:
+    return decode_org(raw, default_timezone) if scope.is_org else decode(raw, default_timezone)
+
+
 def settings_keys(keys: KeySpace, workspaces: Sequence[Workspace]) -> list[str]:
     return [keys.settings(ws) for ws in workspaces]
 
 
 async def load_many(
-    client: Any, keys: KeySpace, workspaces: Sequence[Workspace], default_timezone: str
-) -> list[WorkspaceSettings]:
-    """Each workspace's settings in one round trip (defaults where none are stored)."""
-    results = await run_pipeline(client, [("GET", k) for k in settings_keys(keys, workspaces)])
+    client: Any, keys: KeySpace, scopes: Sequence[Workspace], default_timezone: str
+) -> list[ScopeSettings]:
+    """Each scope's settings (a workspace's or an org's) in one round trip (defaults where none
+    are stored)."""
+    results = await run_pipeline(client, [("GET", k) for k in settings_keys(keys, scopes)])
     return [
-        decode(None if isinstance(r, BaseException) else r, default_timezone) for r in results
+        decode_scope(None if isinstance(r, BaseException) else r, scope, default_timezone)
+        for scope, r in zip(scopes, results, strict=True)
     ]
 
 
-async def save(client: Any, keys: KeySpace, ws: Workspace, settings: WorkspaceSettings) -> None:
+async def save(client: Any, keys: KeySpace, ws: Workspace, settings: ScopeSettings) -> None:
     await run_pipeline(client, [("SET", keys.settings(ws), encode(settings))])

@@ -156,7 +156,7 @@ async def test_settings_api_reads_defaults_and_writes_with_permission(
 ) -> None:
     got = await client.get(SETTINGS_URL, headers=bearer(settings, "curator"))
     assert got.status_code == 200
-    assert got.json() == {"timezone": "UTC", "excluded_subjects": []}
+    assert got.json() == {"timezone": "UTC", "excluded_subjects": [], "week_start": "monday"}
     body = {"timezone": "Asia/Tokyo", "excluded_subjects": ["qa-*"]}
     for role, status in [("basic", 403), ("curator", 403), ("controller", 403), ("admin", 200),
                          ("superadmin", 200)]:
@@ -171,7 +171,7 @@ async def test_settings_api_reads_defaults_and_writes_with_permission(
     assert bad.status_code == 422
     assert "unknown timezone" in bad.text
     got = await client.get(SETTINGS_URL, headers=bearer(settings, "controller"))
-    assert got.json() == body
+    assert got.json() == {**body, "week_start": "monday"}
 
 
 async def test_usage_dates_are_local_and_the_response_names_the_zone(
