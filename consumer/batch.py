@@ -3,11 +3,13 @@
 Two phases, because the second needs the settings of the workspaces the first finds:
 
 1. ``parse_records``: every record becomes a login, a filtered message or a dead letter.
-2. ``bucket``: each login goes to the local day (in its workspace's timezone), ISO week and month
-   that hold it, unless its subject is excluded. Subjects are grouped per sketch key, so a batch
-   of 20,000 logins from a few hundred workspaces becomes a few hundred ``PFADD``s with many
-   members each, not 60,000 single adds: the cost of a batch grows with the number of distinct
-   (workspace, period) keys, not with the number of events.
+2. ``bucket``: each login goes to the local day, week and month that hold it, twice: in its
+   workspace's timezone and week start, and in its org's (the org's own sketches count a member
+   once across all of its workspaces), unless its workspace excludes the subject, which then
+   counts in neither. Subjects are grouped per sketch key, so a batch of 20,000 logins from a few
+   hundred workspaces becomes a few hundred keys with many members each, not 60,000 single adds:
+   the cost of a batch grows with the number of distinct (scope, period) keys, not with the
+   number of events.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, tzinfo
+from functools import lru_cache
 from typing import TypeAlias
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -23,7 +26,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from consumer.events import Login, Parser, Rules
 from sketches.errors import BadMessage
 from sketches.keys import Workspace
-from sketches.periods import Period, day_of, month_of, week_of
+from sketches.periods import Period, WeekStart, periods_holding
 from sketches.workspace_settings import Resolved
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
@@ -40,6 +43,12 @@ class Parsed:
     @property
     def workspaces(self) -> set[Workspace]:
         return {login.workspace for login in self.logins}
+
+    @property
+    def scopes(self) -> set[Workspace]:
+        """The batch's workspaces and their orgs: whose settings bucketing needs."""
+        workspaces = self.workspaces
+        return workspaces | {ws.org for ws in workspaces}
 
 
 @dataclass
@@ -74,18 +83,31 @@ def parse_records(records: Iterable[Record], rules: Rules, now: datetime) -> Par
     return out
 
 
+@lru_cache(maxsize=8192)
+def _periods(d: date, week_start: WeekStart) -> tuple[Period, Period, Period]:
+    return periods_holding(d, week_start)
+
+
+def _local_date(moment: datetime, tz: tzinfo) -> date:
+    if tz is UTC:
+        return moment.date() if moment.tzinfo is UTC else moment.astimezone(UTC).date()
+    return moment.astimezone(tz).date()
+
+
 def bucket(
     parsed: Parsed,
     configs: Mapping[Workspace, Resolved],
     only: Workspace | None = None,
 ) -> Prepared:
-    """Group the logins into sketches. ``configs`` must hold every workspace of the batch;
-    ``only`` keeps one workspace (a rebuild)."""
+    """Group the logins into sketches of their workspace and of their org. ``configs`` must hold
+    every scope of ``parsed.scopes``; ``only`` keeps one scope (a rebuild): a workspace alone, or
+    an org's own sketches alone (from every workspace of the org)."""
     out = Prepared(dead=parsed.dead, filtered=parsed.filtered, next_offsets=parsed.next_offsets)
     per_day: defaultdict[tuple[Workspace, date], set[str]] = defaultdict(set)
     for login in parsed.logins:
         ws = login.workspace
-        if only is not None and ws != only:
+        org = ws.org
+        if only is not None and only != ws and only != org:
             continue
         config = configs[ws]
         if config.excluded is not None and config.is_excluded(login.subject):
@@ -93,17 +115,20 @@ def bucket(
             continue
         out.logins += 1
         moment = login.moment
-        if config.tz is UTC:
-            day = moment.date() if moment.tzinfo is UTC else moment.astimezone(UTC).date()
-        else:
-            day = moment.astimezone(config.tz).date()
-        per_day[(ws, day)].add(login.subject)
+        day = _local_date(moment, config.tz)
+        if only is None or only == ws:
+            per_day[(ws, day)].add(login.subject)
+        if only is None or only == org:
+            org_tz = configs[org].tz
+            per_day[(org, day if org_tz is config.tz else _local_date(moment, org_tz))].add(
+                login.subject
+            )
 
     sketches: defaultdict[tuple[Workspace, Period], set[str]] = defaultdict(set)
-    for (ws, d), subjects in per_day.items():
-        sketches[(ws, day_of(d))] = subjects
-    for (ws, d), subjects in per_day.items():
-        sketches[(ws, week_of(d))] |= subjects
-        sketches[(ws, month_of(d))] |= subjects
+    for (scope, d), subjects in per_day.items():
+        day_p, week, month = _periods(d, configs[scope].week_start)
+        sketches[(scope, day_p)] = subjects
+        sketches[(scope, week)] |= subjects
+        sketches[(scope, month)] |= subjects
     out.sketches = dict(sketches)
     return out

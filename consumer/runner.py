@@ -33,7 +33,6 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -159,18 +158,14 @@ class BatchWriter:
             after, deferred = [], offsets
         else:
             after, deferred = offsets, []
-        token = uuid.uuid4().hex
         timing: list[float] = []
 
         async def store_batch() -> tuple[Prepared, list[CorruptSketch]]:
             timing[:] = [time.perf_counter()]
-            configs = await self.workspace_settings.resolve(parsed.workspaces)
+            configs = await self.workspace_settings.resolve(parsed.scopes)
             prepared = bucket(parsed, configs, self.only)
-            # After the sketches, on the same connection: each written workspace gets a new
-            # version token (API result caches compare it), then the applied offsets.
-            written = {ws for ws, _ in prepared.sketches}
-            versions = [("SET", keys.version(ws), token) for ws in written]
-            return prepared, await self.store.add(prepared.sketches, [*versions, *after])
+            # After the sketches, on the same connection: the applied offsets.
+            return prepared, await self.store.add(prepared.sketches, after)
 
         stored = await self._retrying("storing the batch", store_batch, should_stop)
         if isinstance(stored, _Stopped):
@@ -263,8 +258,6 @@ class GroupConsumer:
         if not assigned:
             return
         tps = sorted(assigned)
-        # A new assignment may follow a Redis that lost writes: re-send every key's expiry.
-        self.store.forget_expiries()
         attempt = 0
         while True:
             attempt += 1

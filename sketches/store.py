@@ -66,11 +66,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
+import hashlib
 import itertools
 import time as time_module
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date
 from typing import Any, Literal, TypeAlias
 
 from redis import exceptions as rexc
@@ -81,6 +82,13 @@ from redis.crc import key_slot
 from sketches.errors import CorruptSketch, StoreUnavailable
 from sketches.keys import KeySpace, Workspace
 from sketches.periods import ONE_DAY, Period, date_range, day_of
+from sketches.writes import (
+    WRITE_SCRIPT,
+    failures,
+    group_by_scope,
+    new_token,
+    script_call,
+)
 
 RedisClient: TypeAlias = "Redis | RedisCluster"
 Batch: TypeAlias = Mapping[tuple[Workspace, Period], Collection[str]]
@@ -90,10 +98,13 @@ RollingStrategy = Literal["client", "server"]
 _PER_KEY_SCRIPT = (
     "local out = {} for i, k in ipairs(KEYS) do out[i] = redis.pcall(ARGV[1], k) end return out"
 )
-EXPIRY_MEMORY_KEYS = 1_000_000  # ~100 MB of key names at most
-EXPIRY_MEMORY_SECONDS = 600.0
+# A rebuild keeps these: the settings, and the seq counter, whose values must never be handed out
+# twice while a stored result that recorded them survives (``sketches.writes``).
+KEPT_SUFFIXES = (b":settings", b":seq")
 COUNT_CHUNK = 16  # a cached PFCOUNT is ~1 us, recounting a dense sketch ~0.3 ms: <= 5 ms a chunk
 READ_CHUNK = 16  # 16 dense sketches are 197 KB: well under a millisecond to copy
+
+WRITE_SHA = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()
 
 # Replies that mean "this key holds something else", as opposed to "Redis is not there".
 _CORRUPT_MARKERS = ("WRONGTYPE", "INVALIDOBJ")
@@ -101,6 +112,10 @@ _CORRUPT_MARKERS = ("WRONGTYPE", "INVALIDOBJ")
 
 def _is_corrupt(err: BaseException) -> bool:
     return isinstance(err, rexc.ResponseError) and str(err).startswith(_CORRUPT_MARKERS)
+
+
+class ScriptMissing(StoreUnavailable):
+    """Redis does not know the write script (it restarted, or a master is new): load it."""
 
 
 def unavailable(err: rexc.RedisError) -> StoreUnavailable:
@@ -141,6 +156,8 @@ async def run_pipeline(client: RedisClient, commands: Sequence[tuple[Any, ...]])
     except OSError as err:
         raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
     for res in results:
+        if isinstance(res, rexc.NoScriptError):
+            raise ScriptMissing(str(res))
         if isinstance(res, rexc.RedisError) and not _is_corrupt(res):
             # READONLY, LOADING, OOM, MASTERDOWN, CLUSTERDOWN...: the store cannot take writes now.
             raise unavailable(res)
@@ -203,12 +220,6 @@ async def master_tags(client: RedisCluster) -> list[str]:
     return sorted(slot_tag(slot) for slot in highest.values())
 
 
-def expire_at(period: Period, retention_days: int) -> int:
-    """Epoch seconds at which a period's key may go: retention after the period's last day."""
-    deadline = datetime.combine(period.end + timedelta(days=retention_days + 1), time(), UTC)
-    return int(deadline.timestamp())
-
-
 class SketchStore(abc.ABC):
     """Sketches of distinct subjects per workspace and period."""
 
@@ -220,12 +231,8 @@ class SketchStore(abc.ABC):
         # Every offset record key starts with this (the part before its hash tag).
         sample = keys.offsets("t", 0)
         self._record_head = sample[: sample.index("{")]
-        # Keys this process has already given their expiry (see ``add``).
-        self._expiring: set[str] = set()
-        self._expiring_since = time_module.monotonic()
 
-    @abc.abstractmethod
-    def _add_command(self, key: str, members: Collection[str]) -> tuple[Any, ...]: ...
+    _add_verb: str = "PFADD"
 
     @abc.abstractmethod
     def _count_command(self, key: str) -> tuple[Any, ...]: ...
@@ -236,48 +243,55 @@ class SketchStore(abc.ABC):
         """Add every subject of the batch to its sketch, then run ``after`` on the same
         connection (the consumer records its offsets there).
 
+        Each scope's share is one script call that also gives each key its expiry when it has
+        none, bumps the scope's ``seq`` and stamps the days it touched (``sketches.writes``).
         Returns the keys that could not be written because they hold something else: the rest of
         the batch is kept, and the caller decides what to log.
         """
-        # A key's deadline depends only on the key, so one EXPIREAT per key is enough; a live
-        # stream re-touches the same day/week/month keys in every batch, and a backfill the
-        # same 90 days, so the process remembers which keys it has given one and sends only
-        # the adds for those: half the commands. The memory is dropped now and then (and may
-        # be dropped at any time: ``forget_expiries``), so a key that lost its TTL with a Redis
-        # that lost writes gets it back within EXPIRY_MEMORY_SECONDS.
-        if (
-            len(self._expiring) > EXPIRY_MEMORY_KEYS
-            or time_module.monotonic() - self._expiring_since > EXPIRY_MEMORY_SECONDS
-        ):
-            self.forget_expiries()
-        commands: list[tuple[Any, ...]] = []
-        keys: list[tuple[str, int, bool]] = []  # key, index of its add, whether EXPIREAT sent
-        for (ws, period), members in batch.items():
-            if not members:
-                continue
-            key = self.keys.sketch(ws, period)
-            fresh = key not in self._expiring
-            keys.append((key, len(commands), fresh))
-            commands.append(self._add_command(key, members))
-            if fresh:
-                commands.append(("EXPIREAT", key, expire_at(period, self.retention_days)))
-        if self.cluster and after:
-            results = await self._add_on_cluster(commands, after)
-        else:
-            results = await run_pipeline(self.client, [*commands, *after])
+        grouped = group_by_scope(batch)
+        token = new_token()
+        now = time_module.time()
+        commands = [
+            script_call(
+                WRITE_SHA, self.keys, scope, write, retention_days=self.retention_days, now=now,
+                token=token, command=self._add_verb,
+            )[0]
+            for scope, write in grouped.items()
+        ]
+        try:
+            results = await self._write(commands, after)
+        except ScriptMissing:
+            # A Redis that restarted (or a new cluster master) has no script cache: load it and
+            # send the batch again; every write in it is idempotent.
+            await self._load_write_script()
+            results = await self._write(commands, after)
         failed: list[CorruptSketch] = []
-        for key, index, fresh in keys:
-            res = results[index]
+        for scope, res in zip(grouped, results, strict=False):
             if isinstance(res, BaseException):
-                failed.append(CorruptSketch(key, str(res)))
-            elif fresh and not isinstance(results[index + 1], BaseException):
-                self._expiring.add(key)
+                failed.append(CorruptSketch(self.keys.workspace_prefix(scope), str(res)))
+            else:
+                failed.extend(CorruptSketch(key, err) for key, err in failures(res))
         return failed
 
-    def forget_expiries(self) -> None:
-        """Send EXPIREAT again for every key from the next batch on."""
-        self._expiring = set()
-        self._expiring_since = time_module.monotonic()
+    async def _write(
+        self, commands: Sequence[tuple[Any, ...]], after: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        if self.cluster and after:
+            return await self._add_on_cluster(commands, after)
+        return await run_pipeline(self.client, [*commands, *after])
+
+    async def _load_write_script(self) -> None:
+        try:
+            if isinstance(self.client, RedisCluster):
+                await self.client.execute_command(
+                    "SCRIPT LOAD", WRITE_SCRIPT, target_nodes=RedisCluster.PRIMARIES
+                )
+            else:
+                await self.client.script_load(WRITE_SCRIPT)
+        except (rexc.RedisError, OSError) as err:
+            raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
+        except rexc.RedisClusterException as err:
+            raise _cluster_unavailable(err) from err
 
     def _is_record(self, cmd: tuple[Any, ...]) -> bool:
         return (
@@ -409,7 +423,8 @@ class SketchStore(abc.ABC):
             raise _cluster_unavailable(err) from err
 
     async def delete_workspace(self, ws: Workspace) -> int:
-        """Remove every sketch of one workspace (its settings stay); returns keys deleted.
+        """Remove every sketch of one scope, its change stamps and stored results (its settings
+        and its ``seq`` counter stay: see ``sketches.writes``); returns keys deleted.
 
         On one Redis: a SCAN for the workspace's prefix. On a cluster all of the workspace sits in
         one slot (its hash tag), so only that slot is listed, on the master that owns it
@@ -422,7 +437,7 @@ class SketchStore(abc.ABC):
         try:
             batch: list[bytes] = []
             async for key in self.client.scan_iter(match=pattern, count=1000):
-                if key.endswith(b":settings"):
+                if key.endswith(KEPT_SUFFIXES):
                     continue
                 batch.append(key)
                 if len(batch) >= 500:
@@ -445,7 +460,7 @@ class SketchStore(abc.ABC):
                 await self.client.cluster_get_keys_in_slot(slot, total) if total else []
             )
             keys = [k if isinstance(k, bytes) else str(k).encode() for k in names]
-            mine = [k for k in keys if k.startswith(prefix) and not k.endswith(b":settings")]
+            mine = [k for k in keys if k.startswith(prefix) and not k.endswith(KEPT_SUFFIXES)]
             for i in range(0, len(mine), 500):
                 deleted += int(await self.client.execute_command("UNLINK", *mine[i : i + 500]))
         except (rexc.RedisError, OSError) as err:
@@ -476,9 +491,6 @@ class HllStore(SketchStore):
     ) -> None:
         super().__init__(client, keys, retention_days)
         self.rolling = rolling
-
-    def _add_command(self, key: str, members: Collection[str]) -> tuple[Any, ...]:
-        return ("PFADD", key, *members)
 
     def _count_command(self, key: str) -> tuple[Any, ...]:
         return ("PFCOUNT", key)
@@ -528,8 +540,7 @@ class ExactStore(SketchStore):
 
     _read_command = "SMEMBERS"
 
-    def _add_command(self, key: str, members: Collection[str]) -> tuple[Any, ...]:
-        return ("SADD", key, *members)
+    _add_verb = "SADD"
 
     def _count_command(self, key: str) -> tuple[Any, ...]:
         return ("SCARD", key)

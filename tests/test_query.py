@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from sketches.errors import CorruptSketch
 from sketches.keys import Workspace
-from sketches.periods import day_of, month_of, periods_holding, week_of
+from sketches.periods import day_of, month_of, periods_holding, utc_today, week_of
 from sketches.query import Metric, Window, usage
-from sketches.store import SketchStore, expire_at
+from sketches.store import SketchStore
+from sketches.writes import expire_at
 from tests.support.compare import assert_rows_match, rows_as_dicts
 from tests.support.oracle import Oracle
 
@@ -173,7 +174,7 @@ async def test_a_row_never_depends_on_period_length(
         assert a[day] == b[day]
 
 
-async def test_each_key_gets_its_expiry_once_until_forgotten(
+async def test_a_key_that_lost_its_expiry_or_was_deleted_gets_it_back_with_the_next_write(
     store: SketchStore, redis_client: aioredis.Redis
 ) -> None:
     d = date(2026, 11, 20)
@@ -183,7 +184,23 @@ async def test_each_key_gets_its_expiry_once_until_forgotten(
     assert await redis_client.expiretime(key) == deadline
     await redis_client.persist(key)  # as if Redis had lost the EXPIREAT with a lost AOF tail
     await add_logins(store, [(WS, "b", d)])
-    assert await redis_client.expiretime(key) == -1  # remembered as set: only the add was sent
-    store.forget_expiries()
+    assert await redis_client.expiretime(key) == deadline
+    await redis_client.delete(key)  # a rebuild, or a Redis that restarted empty
     await add_logins(store, [(WS, "c", d)])
-    assert await redis_client.expiretime(key) == deadline  # sent again once forgotten
+    assert await redis_client.expiretime(key) == deadline
+    # An existing deadline is never moved by a later write (NX): re-adding never extends a life.
+    await redis_client.expireat(key, deadline - 3600)
+    await add_logins(store, [(WS, "d", d)])
+    assert await redis_client.expiretime(key) == deadline - 3600
+    # The scope's change-tracking keys expire too, after the sketches they describe.
+    for meta in (store.keys.seq(WS), store.keys.stamps(WS), store.keys.version(WS)):
+        assert await redis_client.ttl(meta) > (store.retention_days + 31) * 86400
+
+
+async def test_a_key_whose_deadline_has_passed_is_not_written(
+    store: SketchStore, redis_client: aioredis.Redis
+) -> None:
+    d = utc_today() - timedelta(days=store.retention_days + 5)
+    key = store.keys.sketch(WS, day_of(d))
+    assert await store.add({(WS, day_of(d)): {"late"}}) == []
+    assert await redis_client.exists(key) == 0

@@ -23,10 +23,10 @@ from consumer.replay import ReplayStart, replay
 from consumer.settings_cache import SettingsCache
 from sketches import workspace_settings as wss
 from sketches.keys import Workspace
-from sketches.periods import day_of, month_of, week_of
+from sketches.periods import Granularity, day_of, month_of, sunday_week_of, week_of
 from sketches.query import Window, usage
 from sketches.store import SketchStore
-from sketches.workspace_settings import WorkspaceSettings, resolve
+from sketches.workspace_settings import OrgSettings, Resolved, WorkspaceSettings, resolve
 from tests.support.compare import assert_rows_match, rows_as_dicts
 from tests.support.kafka import produce, wait_applied
 from tests.support.oracle import Oracle
@@ -50,9 +50,15 @@ def login(subject: str, moment: str, ws: Workspace = WS) -> bytes:
 def local_days(timezone: str, moments: list[str]) -> dict[date, set[str]]:
     parsed = parse_records([record(login(f"u{i}", m), i) for i, m in enumerate(moments)],
                            RULES, NOW)
-    cfg = {WS: resolve(WorkspaceSettings(timezone=timezone))}
+    cfg = with_org(resolve(WorkspaceSettings(timezone=timezone)))
     prepared = bucket(parsed, cfg)
-    return {p.start: s for (ws, p), s in prepared.sketches.items() if p == day_of(p.start)}
+    return {p.start: s for (ws, p), s in prepared.sketches.items()
+            if ws == WS and p == day_of(p.start)}
+
+
+def with_org(config: Resolved, org: Resolved | None = None) -> dict[Workspace, Resolved]:
+    """Bucketing needs the settings of each workspace and of its org (UTC unless given)."""
+    return {WS: config, WS.org: org or resolve(OrgSettings(timezone="UTC"))}
 
 
 @pytest.mark.parametrize(
@@ -92,13 +98,42 @@ def test_weeks_and_months_follow_local_dates() -> None:
     # 2026-12-31T20:00Z is already 2027-01-01 in Tokyo: January, and ISO week 2026-W53.
     later = datetime(2027, 1, 2, tzinfo=UTC)
     parsed = parse_records([record(login("a", "2026-12-31T20:00:00Z"))], RULES, later)
-    got = bucket(parsed, {WS: resolve(WorkspaceSettings(timezone="Asia/Tokyo"))}).sketches
-    assert set(got) == {
+    got = bucket(parsed, with_org(resolve(WorkspaceSettings(timezone="Asia/Tokyo")))).sketches
+    assert {key for key in got if key[0] == WS} == {
         (WS, day_of(date(2027, 1, 1))),
         (WS, week_of(date(2027, 1, 1))),
         (WS, month_of(date(2027, 1, 1))),
     }
     assert week_of(date(2027, 1, 1)).label == "2026-W53"
+    # The org counts in its own zone (UTC here): still 2026-12-31, December.
+    assert {key for key in got if key[0] == WS.org} == {
+        (WS.org, day_of(date(2026, 12, 31))),
+        (WS.org, week_of(date(2026, 12, 31))),
+        (WS.org, month_of(date(2026, 12, 31))),
+    }
+
+
+def test_sunday_weeks_are_bucketed_by_each_scopes_own_week_start() -> None:
+    # 2026-11-22 is a Sunday: the Sunday week starts that day, the ISO week on the 16th.
+    parsed = parse_records([record(login("a", "2026-11-22T10:00:00Z"))], RULES, NOW)
+    sunday = resolve(WorkspaceSettings(timezone="UTC", week_start="sunday"))
+    got = bucket(parsed, with_org(sunday)).sketches
+    assert (WS, sunday_week_of(date(2026, 11, 22))) in got
+    assert sunday_week_of(date(2026, 11, 22)).start == date(2026, 11, 22)
+    assert (WS.org, week_of(date(2026, 11, 22))) in got
+    assert week_of(date(2026, 11, 22)).start == date(2026, 11, 16)
+    assert not any(p.granularity is Granularity.WEEK for ws, p in got if ws == WS)
+
+
+def test_an_excluded_login_counts_in_neither_its_workspace_nor_its_org() -> None:
+    settings = WorkspaceSettings(timezone="UTC", excluded_subjects=["bot-*"])
+    parsed = parse_records(
+        [record(login(s, "2026-11-24T10:00:00Z"), i) for i, s in enumerate(["bot-1", "ann"])],
+        RULES, NOW,
+    )
+    got = bucket(parsed, with_org(resolve(settings))).sketches
+    assert got[(WS, day_of(date(2026, 11, 24)))] == {"ann"}
+    assert got[(WS.org, day_of(date(2026, 11, 24)))] == {"ann"}
 
 
 def test_excluded_subjects_exact_and_glob_are_counted_apart() -> None:
@@ -109,7 +144,7 @@ def test_excluded_subjects_exact_and_glob_are_counted_apart() -> None:
     parsed = parse_records(
         [record(login(s, "2026-11-24T10:00:00Z"), i) for i, s in enumerate(subjects)], RULES, NOW
     )
-    prepared = bucket(parsed, {WS: resolve(settings)})
+    prepared = bucket(parsed, with_org(resolve(settings)))
     assert prepared.excluded == 4
     assert prepared.logins == 4
     assert prepared.sketches[(WS, day_of(date(2026, 11, 24)))] == {

@@ -267,14 +267,16 @@ _SKETCH_KEY = re.compile(r":set:[dwm]:[^:]+$")
 
 
 def expected_buckets(store: SketchStore, events: Iterable[SynthEvent]) -> dict[str, set[bytes]]:
-    """Every sketch key the events must produce, with its exact members."""
+    """Every sketch key the events must produce, with its exact members: the workspace's, and
+    its org's own (everything here counts in UTC)."""
     out: defaultdict[str, set[bytes]] = defaultdict(set)
     for e in events:
         if e.metric_type != "login":
             continue
         ws = Workspace(e.org_id, e.workspace_id)
         for period in periods_holding(e.timestamp.astimezone(UTC).date()):
-            out[store.keys.sketch(ws, period)].add(e.subject.encode())
+            for scope in (ws, ws.org):
+                out[store.keys.sketch(scope, period)].add(e.subject.encode())
     return dict(out)
 
 

@@ -1,0 +1,187 @@
+"""How a batch reaches Redis: one script call per scope, which adds, expires and stamps at once.
+
+Why one script per scope
+------------------------
+A consumer batch adds subjects to the day, week and month sketches of many scopes (workspaces,
+and the orgs they belong to). Sent as plain commands, that was a ``PFADD`` plus an ``EXPIREAT``
+per key and a version ``SET`` per workspace: tens of thousands of replies per batch, each parsed
+and bookkept by redis-py. One ``EVALSHA`` per scope carries all of that scope's keys and members
+and answers once, and because a script runs atomically, a reader sees a scope's batch either
+whole or not at all.
+
+What the script does, in order (``WRITE_SCRIPT``):
+
+1. ``INCR`` the scope's ``seq`` (``KeySpace.seq``): a counter that only ever grows. The rebuild
+   keeps it when it deletes a scope's sketches, so a value is never handed out twice while
+   anything that recorded it survives.
+2. Stamp every local day the batch touched with that value, in a ring of u32 slots
+   (``KeySpace.stamps``, one ``BITFIELD``): slot ``date.toordinal() % STAMP_RING``. A stored
+   result (``sketches.results``) keeps the stamps it was computed from and recomputes exactly
+   the days whose stamp differs. Two days 1,024 days apart share a slot; a write to either then
+   marks both changed, which costs a recompute and never an old number.
+3. Replace the scope's version token (``KeySpace.version``) with a random one: an API process
+   compares it before serving a response body it kept in memory.
+4. ``PFADD`` (or ``SADD``) the members of each sketch key, then ``EXPIREAT ... NX``: the key's
+   deadline is set whenever it has none, so a key that was deleted, lost with a Redis that
+   restarted empty, or expired, gets its expiry back with the very write that re-creates it.
+   (The previous design sent each key's ``EXPIREAT`` once per process and could leave such a key
+   without one for good.) A key whose deadline has already passed is not written at all: it
+   would be deleted on the spot.
+
+A key holding something else (``WRONGTYPE``, a corrupt sketch) fails alone: the script uses
+``redis.pcall`` per key, keeps going, and returns the failed keys with Redis's error, so the
+caller can log them and keep the rest of the batch.
+
+``seq``, ``stamps`` and ``version`` live ``RETENTION_DAYS`` + ``META_SLACK_DAYS`` after the last
+write to the scope, longer than any sketch the batch wrote.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from sketches.keys import KeySpace, Workspace
+from sketches.periods import Granularity, Period
+
+STAMP_RING = 1024
+"""Slots of the change-stamp ring: more days than any stored result spans by default."""
+META_SLACK_DAYS = 62
+"""``seq``/``stamps``/``version`` outlive the scope's last write by retention plus this."""
+UNPACK_CHUNK = 4000
+"""Members per ``PFADD`` inside the script: Lua's ``unpack`` is limited to ~8,000 values."""
+
+WRITE_SCRIPT = """
+local cmd = ARGV[1]
+local ttl = ARGV[3]
+local seq = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('SET', KEYS[3], ARGV[2], 'EX', ttl)
+local nslots = tonumber(ARGV[4])
+local i = 5
+if nslots > 0 then
+  local ops = {}
+  for j = 0, nslots - 1 do
+    ops[#ops + 1] = 'SET'
+    ops[#ops + 1] = 'u32'
+    ops[#ops + 1] = '#' .. ARGV[i + j]
+    ops[#ops + 1] = seq
+    if #ops >= 4000 or j == nslots - 1 then
+      redis.call('BITFIELD', KEYS[2], unpack(ops))
+      ops = {}
+    end
+  end
+  redis.call('EXPIRE', KEYS[2], ttl)
+  i = i + nslots
+end
+local failed = {}
+for k = 4, #KEYS do
+  local key = KEYS[k]
+  local at = ARGV[i]
+  local n = tonumber(ARGV[i + 1])
+  i = i + 2
+  local last = i + n - 1
+  local ok = true
+  for s = i, last, CHUNK do
+    local r = redis.pcall(cmd, key, unpack(ARGV, s, math.min(s + CHUNK - 1, last)))
+    if type(r) == 'table' and r.err then
+      failed[#failed + 1] = key
+      failed[#failed + 1] = r.err
+      ok = false
+      break
+    end
+  end
+  if ok then redis.call('EXPIREAT', key, at, 'NX') end
+  i = last + 1
+end
+return failed
+""".replace("CHUNK", str(UNPACK_CHUNK))
+
+
+def stamp_slot(day: date) -> int:
+    return day.toordinal() % STAMP_RING
+
+
+def expire_at(period: Period, retention_days: int) -> int:
+    """Epoch seconds at which a period's key may go: retention after the period's last day."""
+    deadline = datetime.combine(period.end + timedelta(days=retention_days + 1), time(), UTC)
+    return int(deadline.timestamp())
+
+
+@dataclass
+class ScopeWrite:
+    """Everything one batch writes to one scope."""
+
+    sketches: dict[Period, Collection[str]] = field(default_factory=dict)
+    days: set[date] = field(default_factory=set)
+
+
+def group_by_scope(
+    batch: Mapping[tuple[Workspace, Period], Collection[str]],
+) -> dict[Workspace, ScopeWrite]:
+    """The batch per scope, with the days to stamp: every day written, and for a week or month
+    written without any of its days (not something the consumer does) its first day, so that its
+    calendar count is still recomputed."""
+    out: dict[Workspace, ScopeWrite] = {}
+    for (scope, period), members in batch.items():
+        if not members:
+            continue
+        write = out.get(scope)
+        if write is None:
+            write = out[scope] = ScopeWrite()
+        write.sketches[period] = members
+        if period.granularity is Granularity.DAY:
+            write.days.add(period.start)
+    for write in out.values():
+        for period in write.sketches:
+            if period.granularity is not Granularity.DAY and not any(
+                period.start <= d <= period.end for d in write.days
+            ):
+                write.days.add(period.start)
+    return out
+
+
+def script_call(
+    sha: str,
+    keys: KeySpace,
+    scope: Workspace,
+    write: ScopeWrite,
+    *,
+    retention_days: int,
+    now: float,
+    token: str,
+    command: str,
+) -> tuple[tuple[Any, ...], list[str]]:
+    """The ``EVALSHA`` of one scope, and the sketch keys it writes (in order)."""
+    meta_ttl = (retention_days + META_SLACK_DAYS) * 86400
+    sketch_keys: list[str] = []
+    argv: list[Any] = [command, token, meta_ttl, len(write.days)]
+    argv.extend(stamp_slot(d) for d in write.days)
+    for period, members in write.sketches.items():
+        deadline = expire_at(period, retention_days)
+        if deadline <= now:
+            continue  # it would be deleted as it is written
+        sketch_keys.append(keys.sketch(scope, period))
+        argv.append(deadline)
+        argv.append(len(members))
+        argv.extend(members)
+    head = [keys.seq(scope), keys.stamps(scope), keys.version(scope)]
+    return ("EVALSHA", sha, len(head) + len(sketch_keys), *head, *sketch_keys, *argv), sketch_keys
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+def failures(reply: Any) -> Iterable[tuple[str, str]]:
+    """(key, Redis's error) pairs from the script's reply."""
+    items = list(reply or ())
+    for i in range(0, len(items) - 1, 2):
+        key, err = items[i], items[i + 1]
+        yield (
+            key.decode() if isinstance(key, bytes) else str(key),
+            err.decode() if isinstance(err, bytes) else str(err),
+        )
