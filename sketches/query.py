@@ -1,6 +1,11 @@
 """The usage query: one row per day with DAU, WAU and MAU, in either window.
 
-``calendar``: WAU is the ISO week holding the day, MAU the calendar month holding it, read with one
+This is the direct computation, from the sketches alone: ``sketches.results`` serves requests
+from stored per-day results and falls back to this where it cannot, and the tests hold the two
+equal.
+
+``calendar``: WAU is the week holding the day (ISO, or Sunday to Saturday where the scope's
+settings say so), MAU the calendar month holding it, read with one
 single-key count per period (Redis caches a sketch's cardinality in its header, so these are
 cheap). A week or month with no login inherits the value of the day before it; that fill looks
 back as far as data can exist (the retention horizon), not just to the first row, so a row never
@@ -24,10 +29,12 @@ from sketches.keys import Workspace
 from sketches.periods import (
     Granularity,
     Period,
+    WeekStart,
     date_range,
     day_of,
     period_of,
     periods_between,
+    week_granularity,
 )
 from sketches.store import SketchStore
 
@@ -93,6 +100,7 @@ async def usage(
     metrics: Iterable[Metric] = ALL_METRICS,
     window: Window = Window.CALENDAR,
     horizon: date,
+    week_start: WeekStart = "monday",
 ) -> list[UsageRow]:
     """Rows for ``end - period_length .. end``, oldest first.
 
@@ -111,7 +119,7 @@ async def usage(
     wau = mau = blank
     if window is Window.CALENDAR:
         if Metric.WAU in wanted:
-            wau = await _calendar(store, ws, Granularity.WEEK, days, horizon)
+            wau = await _calendar(store, ws, week_granularity(week_start), days, horizon)
         if Metric.MAU in wanted:
             mau = await _calendar(store, ws, Granularity.MONTH, days, horizon)
     else:

@@ -1,0 +1,536 @@
+"""Stored per-day results: a 730-day answer that recomputes only what changed.
+
+Why
+---
+A dashboard of a live workspace asks for the same two years again and again while logins keep
+arriving. Recomputing every row from the sketches each time (761 sketches, 17.6 MB for a dense
+workspace) cost ~110 ms; caching whole responses did not help, because every batch that touches
+the workspace invalidates them. But a batch touches a few days, and a day's numbers depend only
+on the sketches of a few days. So the answer is stored, per scope (a workspace or an org), as
+per-day columns, each kept with the change stamps of the days it was computed from, and a request
+recomputes exactly the entries whose input days changed since.
+
+The columns and their inputs (an entry of day ``d``):
+
+======  ============================================  ==========================================
+column  value                                         input days
+======  ============================================  ==========================================
+DAU     distinct subjects of ``d``                    ``d``
+WEEK    distinct subjects of the week holding ``d``   the 7 days of that week (Monday or Sunday
+        (not yet forward-filled)                      start, as the scope's settings say)
+MONTH   distinct subjects of the month holding ``d``  the days of that month
+ROLL7   distinct subjects of ``d-6 .. d``             ``d-6 .. d``
+ROLL30  distinct subjects of ``d-29 .. d``            ``d-29 .. d``
+======  ============================================  ==========================================
+
+Change stamps (``sketches.writes``): the write script increments the scope's ``seq`` once per
+batch and writes its value into a ring slot of every local day the batch touched, atomically with
+the sketches. A stored column keeps, for every input day, the stamp it saw; an entry is valid
+while all of its input days still carry those stamps.
+
+Never stale
+-----------
+- A request reads the stamps (with the settings, ``seq`` and the stored result, in one round
+  trip) *before* any sketch. A batch landing in between makes the recomputed numbers newer than
+  the stamps they are filed under, so the next request recomputes them again: a recompute, never
+  an old number. So every answer includes every login the store held when the request began.
+- Stamps are compared for equality, not order. ``seq`` only grows (a rebuild keeps it), and a
+  stored result is written after the batches whose stamps it holds, on the same Redis (same hash
+  tag, hence the same node on a cluster): a Redis that loses the tail of its log loses the result
+  with them. The result also records ``seq``; a ``seq`` below it (something went backwards) drops
+  the stored result.
+- A stored result expires no later than the scope's ``seq`` (its ``PTTL`` is read in the same
+  round trip), so a counter that expired and started again can never meet a result that saw its
+  old values.
+- The timezone and week start are part of the stored result (its *variant*): a settings change
+  finds a result of another variant and starts afresh. A rebuild deletes the stamps and the
+  result; a day whose key expired lies before the retention horizon, where stored entries are
+  never served (requests that reach that far are computed directly, by ``sketches.query``).
+- When a metric is not asked for, its column is neither read nor recomputed: each column keeps
+  its own stamps, so the contract's "a metric not asked for costs no Redis work" holds here too.
+
+Each column is recomputed as a whole over the stored span (every invalid entry, not only the
+requested rows), so one set of stamps per column describes every entry in it.
+
+What it costs: the ring of stamps is 4 KiB per scope; a stored result is zlib-compressed
+(a few KiB for a small workspace, ~20-30 KiB for a dense one whose sketches take ~13 MB).
+
+The module also owns the per-process cache of rendered responses (``ResultCache``), which serves
+a repeated identical request while the scope's random version token is unchanged.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from enum import IntEnum
+
+import numpy as np
+import numpy.typing as npt
+
+from sketches.keys import Workspace
+from sketches.periods import (
+    Granularity,
+    Period,
+    day_of,
+    month_of,
+    week_granularity,
+    week_starting,
+)
+from sketches.query import (
+    ALL_METRICS,
+    MONTH_DAYS,
+    WEEK_DAYS,
+    Metric,
+    UsageRow,
+    Window,
+    usage,
+)
+from sketches.store import SketchStore, run_pipeline
+from sketches.workspace_settings import Resolved, ScopeSettings, decode_scope, resolve
+from sketches.writes import STAMP_RING
+
+LEAD = MONTH_DAYS - 1
+"""Input days before the first stored entry (the 30-day window of that entry)."""
+TAIL = 31
+"""Input days after the last stored entry: the rest of its month (and week)."""
+SAFE_MARGIN = MONTH_DAYS + 2
+"""Stored entries are served only from ``horizon + SAFE_MARGIN`` on: a 30-day window there never
+reaches a day whose key may have expired (2 days of slack for zones far from UTC)."""
+MISSING = -1
+"""An entry never computed (a new day, or a span that moved)."""
+UNSEEN = np.uint32(0xFFFFFFFF)
+"""The stamp recorded for an input day never looked at: it equals no stamp, so it marks change."""
+
+_MAGIC = b"UMR1"
+_HEADER = struct.Struct("<4sQiiH")  # magic, seq, first entry ordinal, entries, variant length
+
+
+class Column(IntEnum):
+    DAU = 0
+    WEEK = 1
+    MONTH = 2
+    ROLL7 = 3
+    ROLL30 = 4
+
+
+def columns_for(metrics: frozenset[Metric], window: Window) -> list[Column]:
+    """The columns a request reads: only those of the metrics it asks for."""
+    out = []
+    if Metric.DAU in metrics:
+        out.append(Column.DAU)
+    if window is Window.CALENDAR:
+        if Metric.WAU in metrics:
+            out.append(Column.WEEK)
+        if Metric.MAU in metrics:
+            out.append(Column.MONTH)
+    else:
+        if Metric.WAU in metrics:
+            out.append(Column.ROLL7)
+        if Metric.MAU in metrics:
+            out.append(Column.ROLL30)
+    return out
+
+
+@dataclass
+class Stored:
+    """The columns of one scope over the entry days ``first .. first + n - 1``.
+
+    ``values[c]`` has one entry per entry day; ``seen[c]`` one stamp per input day, from
+    ``first - LEAD`` to ``first + n - 1 + TAIL``."""
+
+    variant: str
+    seq: int
+    first: date
+    values: npt.NDArray[np.int64]  # (5, n)
+    seen: npt.NDArray[np.uint32]  # (5, n + LEAD + TAIL)
+
+    @property
+    def n(self) -> int:
+        return int(self.values.shape[1])
+
+    @classmethod
+    def empty(cls, variant: str, seq: int, first: date, n: int) -> Stored:
+        return cls(
+            variant,
+            seq,
+            first,
+            np.full((len(Column), n), MISSING, dtype=np.int64),
+            np.full((len(Column), n + LEAD + TAIL), UNSEEN, dtype=np.uint32),
+        )
+
+    def moved_to(self, first: date, n: int) -> Stored:
+        """The same entries on another span (a new day came): what overlaps is kept, the rest
+        is missing and unseen."""
+        out = Stored.empty(self.variant, self.seq, first, n)
+        shift = (first - self.first).days
+        lo, hi = max(0, shift), min(self.n, shift + n)
+        if lo < hi:
+            out.values[:, lo - shift : hi - shift] = self.values[:, lo:hi]
+        width = self.seen.shape[1]
+        lo, hi = max(0, shift), min(width, shift + out.seen.shape[1])
+        if lo < hi:
+            out.seen[:, lo - shift : hi - shift] = self.seen[:, lo:hi]
+        return out
+
+    def encode(self) -> bytes:
+        variant = self.variant.encode()
+        body = zlib.compress(
+            self.values.astype("<i8").tobytes() + self.seen.astype("<u4").tobytes(), 1
+        )
+        head = _HEADER.pack(_MAGIC, self.seq, self.first.toordinal(), self.n, len(variant))
+        return head + variant + body
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Stored | None:
+        """A stored result, or None for anything that is not one of this format."""
+        try:
+            magic, seq, first, n, vlen = _HEADER.unpack_from(raw)
+            if magic != _MAGIC or n <= 0 or n > 100_000:
+                return None
+            at = _HEADER.size
+            variant = raw[at : at + vlen].decode()
+            body = zlib.decompress(raw[at + vlen :])
+            k = len(Column)
+            vsize = k * n * 8
+            values = np.frombuffer(body[:vsize], dtype="<i8").reshape(k, n).astype(np.int64)
+            seen = np.frombuffer(body[vsize:], dtype="<u4").reshape(k, n + LEAD + TAIL)
+            return cls(variant, seq, date.fromordinal(first), values, seen.astype(np.uint32))
+        except (struct.error, ValueError, zlib.error, UnicodeDecodeError, OverflowError):
+            return None
+
+
+def stamps_on(raw: bytes | None, first: date, count: int) -> npt.NDArray[np.uint32]:
+    """The current stamp of each of ``count`` days from ``first``, from the ring's raw bytes
+    (``BITFIELD`` u32 are big-endian; a ring shorter than full reads as zeros there)."""
+    ring = np.zeros(STAMP_RING, dtype=np.uint32)
+    if raw:
+        body = bytes(raw[: 4 * STAMP_RING])
+        body += b"\0" * (-len(body) % 4)
+        got = np.frombuffer(body, dtype=">u4")
+        ring[: got.size] = got
+    slots = (np.arange(count, dtype=np.int64) + first.toordinal()) % STAMP_RING
+    return ring[slots]
+
+
+def window_any(changed: npt.NDArray[np.bool_], width: int) -> npt.NDArray[np.bool_]:
+    """For each position, whether any of the ``width`` positions ending there changed."""
+    csum = np.concatenate(([0], np.cumsum(changed, dtype=np.int64)))
+    idx = np.arange(changed.size)
+    lo = np.maximum(idx - width + 1, 0)
+    result: npt.NDArray[np.bool_] = (csum[idx + 1] - csum[lo]) > 0
+    return result
+
+
+def period_ids(first: date, count: int, granularity: Granularity) -> npt.NDArray[np.int64]:
+    """An id per day that is equal exactly for days of the same week or month."""
+    ordinals = np.arange(count, dtype=np.int64) + first.toordinal()
+    if granularity is Granularity.WEEK:  # ordinal 1 (0001-01-01) is a Monday
+        return (ordinals - 1) // 7
+    if granularity is Granularity.SUNDAY_WEEK:  # ordinal 7 is a Sunday
+        return ordinals // 7
+    start = first.year * 12 + first.month - 1
+    days = [first + timedelta(days=i) for i in range(count)]
+    return np.fromiter((d.year * 12 + d.month - 1 - start for d in days), np.int64, count)
+
+
+def invalid_entries(
+    column: Column, seen: npt.NDArray[np.uint32], current: npt.NDArray[np.uint32],
+    values: npt.NDArray[np.int64], input_first: date, week: Granularity,
+) -> npt.NDArray[np.bool_]:
+    """Entries of one column whose inputs changed since they were computed, or never were."""
+    changed = seen != current
+    n = values.size
+    if column is Column.DAU:
+        stale = changed[LEAD : LEAD + n]
+    elif column is Column.ROLL7:
+        stale = window_any(changed, WEEK_DAYS)[LEAD : LEAD + n]
+    elif column is Column.ROLL30:
+        stale = window_any(changed, MONTH_DAYS)[LEAD : LEAD + n]
+    else:
+        granularity = week if column is Column.WEEK else Granularity.MONTH
+        ids = period_ids(input_first, changed.size, granularity)
+        stale = np.isin(ids[LEAD : LEAD + n], np.unique(ids[changed]))
+    result: npt.NDArray[np.bool_] = stale | (values == MISSING)
+    return result
+
+
+def runs(days: Sequence[int], gap: int) -> list[tuple[int, int]]:
+    """Sorted indices grouped into (first, last) runs, merging runs less than ``gap`` apart:
+    reading the gap costs less than a new 30-day lead."""
+    out: list[tuple[int, int]] = []
+    for i in days:
+        if out and i - out[-1][1] <= gap:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
+
+
+@dataclass(frozen=True)
+class Query:
+    end: date
+    period_length: int
+    metrics: frozenset[Metric]
+    window: Window
+    today: date
+
+
+@dataclass
+class Snapshot:
+    """What one round trip read about a scope: settings, version, ``seq``, stamps, result."""
+
+    scope: Workspace
+    settings: ScopeSettings
+    config: Resolved
+    version: bytes | None
+    seq: int | None
+    seq_ttl_ms: int
+    stamps: bytes | None
+    stored: bytes | None
+
+
+@dataclass
+class Counters:
+    """What this process's answers cost, for metrics and the benchmark."""
+
+    cache_hits: int = 0
+    stored_entries_reused: int = 0
+    entries_recomputed: int = 0
+    direct: int = 0
+    writes: int = 0
+    recomputed_by_column: dict[str, int] = field(default_factory=dict)
+
+
+class ResultCache:
+    """Rendered responses per process, served only under the very same version token.
+
+    Every batch the consumer writes replaces the version token of each scope it touched (a
+    random value, atomically with the sketches), so a body cached under the same token cannot be
+    stale; scopes never written have no token and are never cached. Bounded, least recently used
+    first."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Hashable, tuple[bytes, bytes]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable, version: bytes | None) -> bytes | None:
+        if version is None or self.max_entries <= 0:
+            return None
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != version:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[1]
+
+    def put(self, key: Hashable, version: bytes | None, body: bytes) -> None:
+        if version is None or self.max_entries <= 0:
+            return
+        self._entries[key] = (version, body)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+class Answers:
+    """Usage rows of a scope, from its stored result where it can, written back when changed.
+
+    The API holds one per process and calls ``snapshot`` then ``answer``."""
+
+    def __init__(
+        self,
+        store: SketchStore,
+        *,
+        retention_days: int,
+        default_timezone: str,
+        cache_entries: int,
+    ) -> None:
+        self.store = store
+        self.retention_days = retention_days
+        self.default_timezone = default_timezone
+        self.cache = ResultCache(cache_entries)
+        self.counters = Counters()
+
+    async def snapshot(self, scope: Workspace) -> Snapshot:
+        keys = self.store.keys
+        variant_key = keys.result(scope, "v1")
+        raw = await run_pipeline(
+            self.store.client,
+            [
+                ("GET", keys.settings(scope)),
+                ("GET", keys.version(scope)),
+                ("GET", keys.seq(scope)),
+                ("PTTL", keys.seq(scope)),
+                ("GET", keys.stamps(scope)),
+                ("GET", variant_key),
+            ],
+        )
+        settings_raw, version, seq, ttl, stamps, stored = (
+            None if isinstance(r, BaseException) else r for r in raw
+        )
+        settings = decode_scope(settings_raw, scope, self.default_timezone)
+        return Snapshot(
+            scope=scope,
+            settings=settings,
+            config=resolve(settings),
+            version=version,
+            seq=int(seq) if seq is not None else None,
+            seq_ttl_ms=int(ttl) if ttl is not None else -2,
+            stamps=stamps,
+            stored=stored,
+        )
+
+    def horizon(self, today: date) -> date:
+        return today - timedelta(days=self.retention_days)
+
+    async def answer(
+        self,
+        snap: Snapshot,
+        query: Query,
+        render: Callable[[list[UsageRow]], bytes],
+        render_kind: str,
+    ) -> tuple[bytes, bool]:
+        """The rendered body, and whether it came from the process cache."""
+        cache_key = (snap.scope, snap.config.variant, query, render_kind)
+        cached = self.cache.get(cache_key, snap.version)
+        if cached is not None:
+            self.counters.cache_hits += 1
+            return cached, True
+        body = render(await self.rows(snap, query))
+        self.cache.put(cache_key, snap.version, body)
+        return body, False
+
+    async def rows(self, snap: Snapshot, query: Query) -> list[UsageRow]:
+        wanted = query.metrics or ALL_METRICS
+        start = query.end - timedelta(days=query.period_length)
+        horizon = self.horizon(query.today)
+        if snap.seq is None or start < horizon + timedelta(days=SAFE_MARGIN):
+            # Never written (nothing to keep), or reaching back to where keys expire.
+            self.counters.direct += 1
+            return await usage(
+                self.store, snap.scope, end=query.end, period_length=query.period_length,
+                metrics=wanted, window=query.window, horizon=horizon,
+                week_start=snap.config.week_start,
+            )
+        stored = await self._refresh(snap, query, horizon, columns_for(wanted, query.window))
+        return render_rows(stored, query, wanted, snap.config)
+
+    async def _refresh(
+        self, snap: Snapshot, query: Query, horizon: date, columns: list[Column]
+    ) -> Stored:
+        assert snap.seq is not None
+        variant = snap.config.variant
+        n = (query.today - horizon).days + 1
+        stored = Stored.decode(snap.stored) if snap.stored else None
+        if stored is None or stored.variant != variant or stored.seq > snap.seq:
+            stored = Stored.empty(variant, snap.seq, horizon, n)
+        elif stored.first != horizon or stored.n != n:
+            stored = stored.moved_to(horizon, n)
+        input_first = horizon - timedelta(days=LEAD)
+        current = stamps_on(snap.stamps, input_first, n + LEAD + TAIL)
+        week = week_granularity(snap.config.week_start)
+        invalid = {
+            c: invalid_entries(c, stored.seen[c], current, stored.values[c], input_first, week)
+            for c in columns
+        }
+        todo = {c: np.flatnonzero(mask) for c, mask in invalid.items() if mask.any()}
+        if not todo:
+            self.counters.stored_entries_reused += n * len(columns)
+            return stored
+        await self._recompute(snap.scope, stored, todo, snap.config)
+        for c in todo:
+            stored.seen[c] = current
+            name = c.name.lower()
+            self.counters.recomputed_by_column[name] = (
+                self.counters.recomputed_by_column.get(name, 0) + int(todo[c].size)
+            )
+            self.counters.entries_recomputed += int(todo[c].size)
+        stored.seq = snap.seq
+        await self._write_back(snap, stored)
+        return stored
+
+    async def _recompute(
+        self, scope: Workspace, stored: Stored, todo: dict[Column, npt.NDArray[np.intp]],
+        config: Resolved,
+    ) -> None:
+        first = stored.first
+        store = self.store
+        if Column.DAU in todo:
+            idx = todo[Column.DAU]
+            days = [day_of(first + timedelta(days=int(i))) for i in idx]
+            stored.values[Column.DAU, idx] = await store.counts(scope, days)
+        for column, of in ((Column.WEEK, None), (Column.MONTH, month_of)):
+            if column not in todo:
+                continue
+            idx = todo[column]
+            periods: dict[Period, list[int]] = {}
+            for i in idx.tolist():
+                d = first + timedelta(days=i)
+                p = of(d) if of is not None else week_starting(config.week_start, d)
+                periods.setdefault(p, []).append(i)
+            counts = await store.counts(scope, list(periods))
+            for (_, where), count in zip(periods.items(), counts, strict=True):
+                stored.values[column, where] = count
+        rolling = [c for c in (Column.ROLL7, Column.ROLL30) if c in todo]
+        if rolling:
+            widths = {Column.ROLL7: WEEK_DAYS, Column.ROLL30: MONTH_DAYS}
+            wanted = sorted({int(i) for c in rolling for i in todo[c]})
+            for lo, hi in runs(wanted, MONTH_DAYS):
+                got = await store.rolling_counts_many(
+                    scope, first + timedelta(days=lo), first + timedelta(days=hi),
+                    [widths[c] for c in rolling],
+                )
+                for c in rolling:
+                    stored.values[c, lo : hi + 1] = got[widths[c]]
+
+    async def _write_back(self, snap: Snapshot, stored: Stored) -> None:
+        """File the result under the scope, to expire with its ``seq`` (see the docstring). A
+        failure to write only costs the next request a recompute."""
+        if snap.seq_ttl_ms == -2:  # seq is gone: nothing may outlive it
+            return
+        ttl = snap.seq_ttl_ms if snap.seq_ttl_ms > 0 else self.retention_days * 86_400_000
+        key = self.store.keys.result(snap.scope, "v1")
+        await run_pipeline(self.store.client, [("SET", key, stored.encode(), "PX", ttl)])
+        self.counters.writes += 1
+
+
+def render_rows(
+    stored: Stored, query: Query, wanted: frozenset[Metric], config: Resolved
+) -> list[UsageRow]:
+    """The requested rows from stored columns: DAU and rolling as they are (0 is null), calendar
+    weeks and months forward-filled from the horizon, so a row never depends on
+    ``period_length``."""
+    start = query.end - timedelta(days=query.period_length)
+    a = (start - stored.first).days
+    b = (query.end - stored.first).days + 1
+    n = b - a
+    blank: list[int | None] = [None] * n
+
+    def plain(column: Column) -> list[int | None]:
+        return [v if v > 0 else None for v in stored.values[column, a:b].tolist()]
+
+    def filled(column: Column) -> list[int | None]:
+        values = stored.values[column, :b]
+        idx = np.where(values > 0, np.arange(values.size), -1)
+        np.maximum.accumulate(idx, out=idx)
+        picked = idx[a:b].tolist()
+        vals = values.tolist()
+        return [vals[i] if i >= 0 else None for i in picked]
+
+    dau = plain(Column.DAU) if Metric.DAU in wanted else blank
+    if query.window is Window.CALENDAR:
+        wau = filled(Column.WEEK) if Metric.WAU in wanted else blank
+        mau = filled(Column.MONTH) if Metric.MAU in wanted else blank
+    else:
+        wau = plain(Column.ROLL7) if Metric.WAU in wanted else blank
+        mau = plain(Column.ROLL30) if Metric.MAU in wanted else blank
+    days = [start + timedelta(days=i) for i in range(n)]
+    return [UsageRow(d, x, y, z) for d, x, y, z in zip(days, dau, wau, mau, strict=True)]
