@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import dashboard, observability, ratelimit
+from api import dashboard, observability, ratelimit, settings_routes
 from api.auth import Forbidden, TokenVerifier, Unauthenticated
 from api.cache import ResultCache
 from api.routes import router
@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
         return {"status": "ready"}
 
     app.include_router(router)
+    app.include_router(settings_routes.router)
     app.include_router(dashboard.router)
     api_metrics = observability.ApiMetrics()
     app.add_api_route("/metrics", api_metrics.endpoint, include_in_schema=False)

@@ -11,6 +11,7 @@ that role may do, so a role the table does not know gets nothing.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +23,13 @@ from usage_metrics.config import Settings
 
 READ_METRICS = "workspace_metrics:read"
 WRITE_SETTINGS = "workspace_settings:write"
+# An org's own settings (its timezone and week start) shape every org-level number, not one
+# workspace's: a permission of its own, so that a deployment can grant one without the other.
+WRITE_ORG_SETTINGS = "org_settings:write"
 
 ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
-    "superadmin": frozenset({READ_METRICS, WRITE_SETTINGS}),
-    "admin": frozenset({READ_METRICS, WRITE_SETTINGS}),
+    "superadmin": frozenset({READ_METRICS, WRITE_SETTINGS, WRITE_ORG_SETTINGS}),
+    "admin": frozenset({READ_METRICS, WRITE_SETTINGS, WRITE_ORG_SETTINGS}),
     "controller": frozenset({READ_METRICS}),
     "curator": frozenset({READ_METRICS}),
     "basic": frozenset(),
@@ -48,8 +52,14 @@ class Principal:
     org_id: str | None
 
     def require(self, permission: str, org_id: str) -> None:
-        if permission not in ROLE_PERMISSIONS.get(self.role, frozenset()):
-            raise Forbidden(f"role {self.role!r} lacks the permission {permission}")
+        self.require_any((permission,), org_id)
+
+    def require_any(self, permissions: Collection[str], org_id: str) -> None:
+        """Any one of ``permissions`` will do, in ``org_id`` (any org for a superadmin)."""
+        if not ROLE_PERMISSIONS.get(self.role, frozenset()) & set(permissions):
+            raise Forbidden(
+                f"role {self.role!r} lacks the permission {' or '.join(sorted(permissions))}"
+            )
         if self.role == "superadmin":
             return
         if self.org_id is None:

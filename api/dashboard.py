@@ -1,8 +1,10 @@
-"""``GET /dashboard``: one page that charts a workspace's DAU, WAU, MAU and stickiness.
+"""``GET /dashboard``: one page that charts the DAU, WAU, MAU and stickiness of a workspace or of
+a whole org, with each headline's change against the previous period of the same length.
 
 The page is static (HTML, JS, CSS and the vendored uPlot in ``api/static/``) and calls the usage
-endpoint from the browser with the caller's own token, so it needs no server-side session and
-sees exactly what the API answers, errors included. Nothing is loaded from a CDN.
+endpoints (workspace or org) from the browser with the caller's own token, so it needs no
+server-side session and sees exactly what the API answers, errors and headers included (how the
+numbers were counted, the week start, the timezone). Nothing is loaded from a CDN.
 
 Assets are served from an allow-list built from the package's ``static`` folder when this module
 is imported: a request can name only a file that ships with the package, never a path of its own.

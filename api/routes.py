@@ -8,11 +8,10 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
 import orjson
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 
-from api.auth import READ_METRICS, WRITE_SETTINGS, Principal
+from api.auth import READ_METRICS, Principal
 from api.deps import CacheDep, PrincipalDep, SettingsDep, StoreDep, get_principal
 from api.schemas import ErrorBody, UsageMetric
 from sketches import workspace_settings as ws_settings
@@ -27,7 +26,6 @@ from usage_metrics.config import Settings
 router = APIRouter(dependencies=[Depends(get_principal)])
 
 USAGE_PATH = "/api/v2/org/{org_id}/workspace/{workspace_id}/metrics/usage"
-SETTINGS_PATH = "/api/v2/org/{org_id}/workspace/{workspace_id}/settings"
 MAX_METRIC_VALUES = 16
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # No row may start before this day: far older dates only overflow date arithmetic.
@@ -77,11 +75,6 @@ WorkspaceDep = Annotated[Workspace, Depends(workspace_ref)]
 
 def metrics_reader(ws: WorkspaceDep, caller: PrincipalDep) -> Principal:
     caller.require(READ_METRICS, ws.org_id)
-    return caller
-
-
-def settings_writer(ws: WorkspaceDep, caller: PrincipalDep) -> Principal:
-    caller.require(WRITE_SETTINGS, ws.org_id)
     return caller
 
 
@@ -231,50 +224,3 @@ async def get_usage(
         )
     cache.put(cache_key, version, body)
     return Response(body, media_type=media, headers={**headers, CACHE_HEADER: "miss"})
-
-
-@router.get(
-    SETTINGS_PATH,
-    response_model=WorkspaceSettings,
-    responses=ERROR_RESPONSES,
-    summary="The workspace's timezone and excluded subjects",
-)
-async def get_settings(
-    ws: WorkspaceDep,
-    _caller: Annotated[Principal, Depends(metrics_reader)],
-    settings: SettingsDep,
-    store: StoreDep,
-) -> WorkspaceSettings:
-    config, _version = await config_and_version(store, settings, ws)
-    return config
-
-
-@router.put(
-    SETTINGS_PATH,
-    response_model=WorkspaceSettings,
-    responses=ERROR_RESPONSES,
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/WorkspaceSettings"}}}}},
-    summary="Set the workspace's timezone and excluded subjects",
-    description=(
-        "Needs `workspace_settings:write` (superadmin, admin). The consumer applies a change "
-        "within `SETTINGS_CACHE_SECONDS`, to logins ingested from then on; "
-        "`usage-metrics rebuild` re-buckets the retained history."
-    ),
-)
-async def put_settings(
-    ws: WorkspaceDep,
-    _caller: Annotated[Principal, Depends(settings_writer)],
-    store: StoreDep,
-    request: Request,
-) -> WorkspaceSettings:
-    # Read after the dependencies, so that an unauthenticated caller gets 401 whatever it sent.
-    try:
-        body = WorkspaceSettings.model_validate_json(await request.body())
-    except ValidationError as err:
-        errors = err.errors(include_url=False, include_context=False, include_input=False)
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in errors]
-        ) from None
-    await ws_settings.save(store.client, store.keys, ws, body)
-    return body

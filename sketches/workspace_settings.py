@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, tzinfo
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import orjson
@@ -159,6 +159,25 @@ def default_settings(timezone: str) -> WorkspaceSettings:
 
 def default_org_settings(timezone: str) -> OrgSettings:
     return OrgSettings(timezone=timezone)
+
+
+S = TypeVar("S", WorkspaceSettings, OrgSettings)
+
+
+def merge_patch(base: S, patch: Mapping[str, Any], defaults: S) -> S:
+    """``base`` with a JSON merge patch (RFC 7396) of its flat fields applied.
+
+    A member of ``patch`` replaces its field; a ``null`` member resets it to its default
+    (merge-patch's "remove", and a removed setting is its default); a field left out keeps
+    ``base``'s value. A ``PUT`` is this same patch over the defaults, so both verbs share one
+    rule for missing and null fields. An unknown member or an invalid value raises pydantic's
+    ``ValidationError`` (the models forbid extras), located at the member.
+    """
+    fallback = defaults.model_dump()
+    data = base.model_dump()
+    for name, value in patch.items():
+        data[name] = fallback[name] if value is None and name in fallback else value
+    return type(base).model_validate(data)
 
 
 def encode(settings: ScopeSettings) -> bytes:

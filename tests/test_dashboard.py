@@ -5,7 +5,9 @@ with apt-get when it is missing and it can, and skips only when it can neither f
 it), driven by the PyPI ``playwright`` package without ``playwright install``. The server runs the
 whole application on a free loopback port, over the session's Redis, seeded through the ``store``
 fixture; the page is checked by what a person sees: drawn pixels of each line's colour, the hover
-read-out of a known day, the stickiness view, the empty state and each error's text.
+read-out of a known day, the stickiness view, the change against the previous period beside each
+headline number, how the numbers were counted, a whole organization's view, the empty state and
+each error's text.
 
 The browser tests run once, in exact mode (the counts they assert are exact), not once per
 sketch mode. A screenshot goes to ``tests/artifacts/dashboard.png``; with
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import subprocess
 import threading
@@ -31,7 +34,7 @@ import uvicorn
 
 from api.app import create_app
 from api.auth import issue_token
-from sketches.keys import Workspace
+from sketches.keys import Workspace, org_scope
 from sketches.periods import ONE_DAY, Period, month_of, periods_holding, utc_today, week_of
 from sketches.store import SketchStore
 from tests.conftest import unique
@@ -152,18 +155,24 @@ async def page(chromium: str) -> AsyncIterator[Any]:
 # ---------------------------------------------------------------- seeded data
 
 
-def day_users(day: date) -> set[str]:
-    """A few hundred members with a weekly rhythm: busy weekdays, quiet weekends."""
-    rng = random.Random(day.toordinal())
-    size = (28 if day.weekday() >= 5 else 110) + rng.randrange(0, 35)
+def day_users(day: date, factor: float = 1.0, salt: int = 0) -> set[str]:
+    """A few hundred members with a weekly rhythm: busy weekdays, quiet weekends (``factor``
+    scales the crowd, ``salt`` picks another crowd of the same size)."""
+    rng = random.Random(day.toordinal() * 7 + salt)
+    size = int(((28 if day.weekday() >= 5 else 110) + rng.randrange(0, 35)) * factor)
     return set(rng.sample(POOL[: 260 + day.day * 4], size))
 
 
 class Seeded:
-    def __init__(self, end: date) -> None:
+    """``days`` days of logins ending ``end``; the days before the last ``DAYS`` (the previous
+    period of a 30-day view) get ``earlier`` times the crowd."""
+
+    def __init__(self, end: date, days: int = DAYS, earlier: float = 1.0, salt: int = 0) -> None:
         self.end = end
-        self.days = [end - timedelta(days=DAYS - 1 - i) for i in range(DAYS)]
-        self.users = {d: day_users(d) for d in self.days}
+        self.days = [end - timedelta(days=days - 1 - i) for i in range(days)]
+        first_current = end - timedelta(days=DAYS - 1)
+        self.users = {d: day_users(d, 1.0 if d >= first_current else earlier, salt)
+                      for d in self.days}
 
     def batch(self, ws: Workspace) -> dict[tuple[Workspace, Period], set[str]]:
         out: dict[tuple[Workspace, Period], set[str]] = {}
@@ -193,6 +202,42 @@ class Seeded:
     def rolling_wau(self, d: date) -> int:
         return self._union(d - 6 * ONE_DAY, d)
 
+    def merged(self, other: Seeded) -> Seeded:
+        """The logins of both: what an org holding both workspaces counts (each member once)."""
+        both = Seeded.__new__(Seeded)
+        both.end = self.end
+        both.days = sorted(set(self.days) | set(other.days))
+        both.users = {d: self.users.get(d, set()) | other.users.get(d, set()) for d in both.days}
+        return both
+
+    def changes(self) -> dict[str, float | None]:
+        """What the page should show beside each card for a 30-day calendar view: the mean of
+        each count over these 31 days against the 31 before, in percent (stickiness: the mean
+        of the days' DAU/MAU); None where a period holds no data."""
+        current = [self.end - timedelta(days=DAYS - 1 - i) for i in range(DAYS)]
+        previous = [d - timedelta(days=DAYS) for d in current]
+
+        def means(days: list[date]) -> dict[str, float | None]:
+            # Without a login in the period, no change (although its last calendar week or
+            # month may reach into the next period's logins).
+            seeded = [d for d in days if d in self.users]
+            assert len(seeded) in (0, len(days)), "seed whole periods"
+            if not seeded:
+                return dict.fromkeys(("dau", "wau", "mau", "stick"))
+            return {
+                "dau": sum(self.dau(d) for d in days) / len(days),
+                "wau": sum(self.calendar_wau(d) for d in days) / len(days),
+                "mau": sum(self.calendar_mau(d) for d in days) / len(days),
+                "stick": sum(100 * self.dau(d) / self.calendar_mau(d) for d in days) / len(days),
+            }
+
+        now, before = means(current), means(previous)
+        out: dict[str, float | None] = {}
+        for name, a in now.items():
+            b = before[name]
+            out[name] = None if a is None or not b else 100 * (a - b) / b
+        return out
+
 
 def token(role: str = "admin", org: str | None = ORG, settings: Settings | None = None) -> str:
     s = settings or Settings(jwt_secret=SECRET, _env_file=None)
@@ -201,6 +246,26 @@ def token(role: str = "admin", org: str | None = ORG, settings: Settings | None 
 
 def number(n: int) -> str:
     return f"{n:,}"
+
+
+CHANGE_RE = re.compile(r"^([+\u2212±])(\d+\.\d) %$")
+
+
+async def assert_changes(page: Any, want: dict[str, float | None]) -> None:
+    """Each card's change as shown: "n/a" where there is nothing to compare with, else a signed
+    percentage with one decimal that matches ``want`` to its rounding."""
+    for name, pct in want.items():
+        shown = await page.inner_text(f"#card-{name}-delta")
+        trend = await page.get_attribute(f"#card-{name}-delta", "data-trend")
+        if pct is None:
+            assert (shown, trend) == ("n/a", "na"), name
+            continue
+        match = CHANGE_RE.match(shown)
+        assert match is not None, (name, shown)
+        sign = {"+": 1, "\u2212": -1, "±": 0}[match.group(1)]
+        value = sign * float(match.group(2))
+        assert abs(value - pct) <= 0.05 + 1e-9, (name, shown, pct)
+        assert trend == {1: "up", -1: "down", 0: "flat"}[sign], (name, trend)
 
 
 # ---------------------------------------------------------------- page helpers
@@ -320,6 +385,8 @@ async def test_dashboard_draws_seeded_usage(
     assert await page.inner_text("#card-wau") == number(data.calendar_wau(data.end))
     assert await page.inner_text("#card-mau") == number(data.calendar_mau(data.end))
     assert await page.inner_text("#tz") == "Dates in UTC"
+    # Nothing was seeded before these 31 days: no change to show, and no "+100 %" either.
+    await assert_changes(page, {"dau": None, "wau": None, "mau": None, "stick": None})
 
     # Three lines drawn, each in its own colour.
     for name in ("dau", "wau", "mau"):
@@ -443,3 +510,134 @@ async def test_dashboard_shows_errors_empty_state_and_timezone(
     assert "invalid token" in await page.inner_text("#error-detail")
     assert await page.is_visible("#token")
     assert await page.evaluate("() => sessionStorage.getItem('usage-metrics.token')") is None
+
+
+async def test_dashboard_compares_with_the_previous_period_and_says_how_it_counted(
+    store: SketchStore, server: str, page: Any, settings: Settings
+) -> None:
+    end = utc_today()
+    growing = Seeded(end, days=2 * DAYS, earlier=0.6)
+    shrinking = Seeded(end, days=2 * DAYS, earlier=1.5, salt=1)
+    await store.add(growing.batch(Workspace(ORG, "growing")))
+    await store.add(shrinking.batch(Workspace(ORG, "shrinking")))
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url) if "/metrics/usage" in r.url else None)
+    await page.goto(f"{server}/dashboard")
+
+    assert await submit(page, ws="growing", token_value=token(settings=settings)) == "ready"
+    want = growing.changes()
+    assert want["dau"] is not None
+    assert want["dau"] > 0
+    await assert_changes(page, want)
+    # The second request: same length, ending the day before this period's first day.
+    first = end - timedelta(days=DAYS - 1)
+    assert len(requested) == 2, requested
+    assert "end_date" not in requested[0]
+    assert f"end_date={(first - ONE_DAY).isoformat()}" in requested[1]
+    assert "period_length=30" in requested[1]
+    assert "/workspace/growing/metrics/usage?" in requested[1]
+    note = await page.inner_text("#compare-note")
+    assert "against the 31 days before" in note
+    assert f"{(first - DAYS * ONE_DAY).isoformat()} to {(first - ONE_DAY).isoformat()}" in note
+
+    assert await submit(page, ws="shrinking") == "ready"
+    want = shrinking.changes()
+    assert want["dau"] is not None
+    assert want["dau"] < 0
+    await assert_changes(page, want)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-compare.png"), full_page=True)
+
+    # The previous period failing costs only the comparison: the numbers are still shown.
+    async def previous_fails(route: Any) -> None:
+        if "end_date=" in route.request.url:
+            await route.fulfill(status=503, json={"detail": "store unavailable"})
+        else:
+            await route.continue_()
+
+    await page.route("**/metrics/usage?*", previous_fails)
+    assert await submit(page, ws="shrinking") == "ready"
+    await assert_changes(page, {"dau": None, "wau": None, "mau": None, "stick": None})
+    assert "HTTP 503" in await page.inner_text("#compare-note")
+    assert await page.inner_text("#card-dau") == number(shrinking.dau(end))
+    await page.unroute("**/metrics/usage?*")
+
+    # How the numbers were counted comes from the response headers, shown beside the chart.
+    async def with_headers(extra: dict[str, str]) -> None:
+        async def add(route: Any) -> None:
+            response = await route.fetch()
+            await route.fulfill(response=response, headers={**response.headers, **extra})
+
+        await page.route("**/metrics/usage?*", add)
+
+    await with_headers({"x-sketch-mode": "hll", "x-standard-error": "0.0081",
+                        "x-week-start": "sunday"})
+    assert await submit(page, ws="growing") == "ready"
+    assert await page.inner_text("#counting") == "HyperLogLog, ±0.81 %"
+    assert await page.inner_text("#week-start") == "weeks start Sunday"
+    assert "(Sun–Sat)" in await page.inner_text("#explain")
+    # Rolling weeks do not depend on the week start: the chip goes.
+    assert await submit(page, ws="growing", window="rolling") == "ready"
+    assert await page.is_hidden("#week-start")
+    await page.unroute("**/metrics/usage?*")
+
+    await with_headers({"x-sketch-mode": "exact", "x-standard-error": "0",
+                        "x-week-start": "monday"})
+    assert await submit(page, ws="growing") == "ready"
+    assert await page.inner_text("#counting") == "exact counts"
+    assert await page.inner_text("#week-start") == "weeks start Monday"
+    assert "ISO week (Mon–Sun)" in await page.inner_text("#explain")
+    await page.unroute("**/metrics/usage?*")
+
+
+async def test_dashboard_shows_a_whole_org(
+    store: SketchStore, server: str, page: Any, settings: Settings
+) -> None:
+    """An empty workspace asks the org endpoint, whose numbers count each member once across
+    the org's workspaces. Needs the org endpoint (GET /api/v2/org/{org}/metrics/usage) and its
+    X-Sketch-Mode / X-Week-Start headers."""
+    end = utc_today()
+    one = Seeded(end, days=2 * DAYS, earlier=0.7)
+    two = Seeded(end, days=2 * DAYS, earlier=1.2, salt=2)
+    org = one.merged(two)
+    # Members active in both workspaces must count once: the sum would be visibly larger.
+    assert org.dau(end) < one.dau(end) + two.dau(end)
+    await store.add(one.batch(Workspace(ORG, "one")))
+    await store.add(two.batch(Workspace(ORG, "two")))
+    # The org's own sketches, as ingestion writes them beside the workspaces' (each member of
+    # either workspace once); adding them again changes nothing if the write path already did.
+    await store.add(org.batch(org_scope(ORG)))
+    # Another org's logins never count.
+    await store.add(Seeded(end, salt=3).batch(Workspace("globex", "one")))
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url) if "/metrics/usage" in r.url else None)
+    await page.goto(f"{server}/dashboard")
+
+    assert await submit(page, ws="", token_value=token(settings=settings)) == "ready", (
+        await page.inner_text("body"))
+    assert [u.split("?")[0].split("/api/")[1] for u in requested] == [
+        f"v2/org/{ORG}/metrics/usage"] * 2
+    assert "whole organization" in await page.inner_text("#status")
+    assert await page.inner_text("#card-dau") == number(org.dau(end))
+    assert await page.inner_text("#card-wau") == number(org.calendar_wau(end))
+    assert await page.inner_text("#card-mau") == number(org.calendar_mau(end))
+    known = end - timedelta(days=5)
+    legend = await hover_day(page, "active", known)
+    assert legend["DAU"] == number(org.dau(known))
+    assert legend["MAU"] == number(org.calendar_mau(known))
+    await assert_changes(page, org.changes())
+    assert await page.inner_text("#counting") == "exact counts"  # the server's SKETCH_MODE
+    assert await page.inner_text("#week-start") == "weeks start Monday"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-org.png"), full_page=True)
+
+    # The view is in the URL: a reload shows the org again by itself.
+    await page.reload()
+    await page.wait_for_function("() => document.body.dataset.state === 'ready'")
+    assert await page.input_value("#workspace") == ""
+    assert await page.inner_text("#card-dau") == number(org.dau(end))
+
+    # Another org's token may not read this org.
+    await page.click("#change-token")
+    assert await submit(page, ws="", token_value=token("admin", "globex", settings)) == "error"
+    assert "another org" in await page.inner_text("#error-detail")

@@ -3,6 +3,7 @@ the consumer seeing a change within its cache bound, and a rebuild that re-bucke
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -14,16 +15,20 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from aiokafka.structs import ConsumerRecord
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from api.app import create_app
 from api.auth import issue_token
+from api.settings_routes import compare_and_set, read_raw
 from consumer.batch import bucket, parse_records
 from consumer.events import Rules
 from consumer.replay import ReplayStart, replay
 from consumer.settings_cache import SettingsCache
 from sketches import workspace_settings as wss
 from sketches.keys import Workspace
-from sketches.periods import Granularity, day_of, month_of, sunday_week_of, week_of
+from sketches.periods import WEEK_STARTS, Granularity, day_of, month_of, sunday_week_of, week_of
 from sketches.query import Window, usage
 from sketches.store import SketchStore
 from sketches.workspace_settings import OrgSettings, Resolved, WorkspaceSettings, resolve
@@ -323,3 +328,220 @@ async def test_replay_only_one_workspace_leaves_the_others_alone(
     d = moment.date()
     assert await store.counts(WS, [day_of(d)]) == [1]
     assert await store.counts(other, [day_of(d)]) == [0]
+
+
+# ---------------------------------------------------------------- PUT defaults and PATCH
+
+ZONES = ["UTC", "Asia/Tokyo", "Europe/Berlin", "America/New_York", "Asia/Kathmandu"]
+ws_settings_values = st.fixed_dictionaries({
+    "timezone": st.sampled_from(ZONES),
+    "excluded_subjects": st.lists(st.text(min_size=1, max_size=8), max_size=4),
+    "week_start": st.sampled_from(WEEK_STARTS),
+})
+
+
+@given(ws_settings_values, ws_settings_values,
+       st.sets(st.sampled_from(["timezone", "excluded_subjects", "week_start"])),
+       st.sets(st.sampled_from(["timezone", "excluded_subjects", "week_start"])),
+       st.sampled_from(ZONES))
+def test_a_merge_patch_sets_given_fields_resets_nulls_and_keeps_the_rest(
+    base: dict[str, Any], values: dict[str, Any], given_fields: set[str], nulls: set[str],
+    default_zone: str,
+) -> None:
+    patch: dict[str, Any] = {f: values[f] for f in given_fields}
+    patch.update({f: None for f in nulls})
+    defaults = wss.default_settings(default_zone)
+    got = wss.merge_patch(WorkspaceSettings(**base), patch, defaults).model_dump()
+    for name in ("timezone", "excluded_subjects", "week_start"):
+        if name in nulls:
+            want = getattr(defaults, name)
+        elif name in given_fields:
+            want = values[name]
+        else:
+            want = base[name]
+        assert got[name] == want, name
+    # A PUT is the same patch over the defaults: what it leaves out is the default.
+    put = wss.merge_patch(defaults, {f: values[f] for f in given_fields}, defaults)
+    for name in ("timezone", "excluded_subjects", "week_start"):
+        assert getattr(put, name) == (values[name] if name in given_fields
+                                      else getattr(defaults, name))
+
+
+@pytest.mark.parametrize(
+    ("patch", "loc"),
+    [
+        ({"bogus": 1}, ("bogus",)),
+        ({"bogus": None}, ("bogus",)),  # a null does not make an unknown field acceptable
+        ({"timezone": "Mars/Olympus"}, ("timezone",)),
+        ({"week_start": "friday"}, ("week_start",)),
+        ({"excluded_subjects": [""]}, ("excluded_subjects",)),
+        ({"excluded_subjects": "qa-*"}, ("excluded_subjects",)),
+    ],
+)
+def test_a_merge_patch_refuses_unknown_fields_and_invalid_values(
+    patch: dict[str, Any], loc: tuple[str, ...]
+) -> None:
+    base = WorkspaceSettings(timezone="Asia/Tokyo", excluded_subjects=["x"])
+    with pytest.raises(ValidationError) as err:
+        wss.merge_patch(base, patch, wss.default_settings("UTC"))
+    assert {e["loc"][: len(loc)] for e in err.value.errors()} == {loc}
+
+
+@pytest.fixture
+async def api(settings: Settings, store: SketchStore) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with a non-UTC ``DEFAULT_TIMEZONE`` (so that a default is told from a hard-coded
+    UTC) and no rate limit (these tests send many requests as one caller)."""
+    app = create_app(
+        settings.model_copy(update={"default_timezone": "Europe/Berlin",
+                                    "rate_limit_per_minute": 0}),
+        store,
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t") as c:
+        yield c
+
+
+async def stored(store: SketchStore, ws: Workspace = WS) -> bytes | None:
+    raw = await store.client.get(store.keys.settings(ws))
+    return None if raw is None else bytes(raw)
+
+
+@pytest.mark.parametrize("sketch_mode", ["exact"])  # settings do not depend on the mode
+async def test_put_gives_fields_left_out_their_defaults(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    admin = bearer(settings, "admin")
+    only_excluded = await api.put(SETTINGS_URL, json={"excluded_subjects": ["qa-*"]},
+                                  headers=admin)
+    assert only_excluded.status_code == 200, only_excluded.text
+    assert only_excluded.json() == {"timezone": "Europe/Berlin", "excluded_subjects": ["qa-*"],
+                                    "week_start": "monday"}
+    assert (await api.get(SETTINGS_URL, headers=admin)).json() == only_excluded.json()
+    # A PUT replaces: what it leaves out is the default again, not the previous value.
+    resp = await api.put(SETTINGS_URL, json={"timezone": "Asia/Tokyo", "week_start": "sunday"},
+                         headers=admin)
+    assert resp.json() == {"timezone": "Asia/Tokyo", "excluded_subjects": [],
+                           "week_start": "sunday"}
+    nulls = await api.put(SETTINGS_URL, json={"timezone": None, "week_start": None},
+                          headers=admin)
+    assert nulls.json() == {"timezone": "Europe/Berlin", "excluded_subjects": [],
+                            "week_start": "monday"}
+    await api.put(SETTINGS_URL, json={"timezone": "Asia/Tokyo"}, headers=admin)
+    empty = await api.put(SETTINGS_URL, json={}, headers=admin)
+    assert empty.json() == {"timezone": "Europe/Berlin", "excluded_subjects": [],
+                            "week_start": "monday"}
+    assert (await api.get(SETTINGS_URL, headers=admin)).json() == empty.json()
+
+
+@pytest.mark.parametrize("sketch_mode", ["exact"])
+async def test_patch_changes_only_the_fields_it_names(
+    api: httpx.AsyncClient, settings: Settings, store: SketchStore
+) -> None:
+    admin = bearer(settings, "admin")
+    # On a workspace without stored settings, a PATCH starts from the defaults.
+    first = await api.patch(SETTINGS_URL, json={"week_start": "sunday"}, headers=admin)
+    assert first.status_code == 200, first.text
+    assert first.json() == {"timezone": "Europe/Berlin", "excluded_subjects": [],
+                            "week_start": "sunday"}
+    full = {"timezone": "Asia/Tokyo", "excluded_subjects": ["qa-*", "bot"],
+            "week_start": "sunday"}
+    await api.put(SETTINGS_URL, json=full, headers=admin)
+
+    zone = await api.patch(SETTINGS_URL, json={"timezone": "Asia/Kolkata"}, headers=admin)
+    assert zone.json() == {**full, "timezone": "Asia/Kolkata"}
+    week = await api.patch(SETTINGS_URL, content=b'{"week_start": "monday"}',
+                           headers={**admin, "Content-Type": "application/merge-patch+json"})
+    assert week.json() == {**full, "timezone": "Asia/Kolkata", "week_start": "monday"}
+    # null is merge-patch's "remove": the field goes back to its default.
+    reset = await api.patch(SETTINGS_URL, json={"excluded_subjects": None, "timezone": None},
+                            headers=admin)
+    want = {"timezone": "Europe/Berlin", "excluded_subjects": [], "week_start": "monday"}
+    assert reset.json() == want
+    assert (await api.get(SETTINGS_URL, headers=admin)).json() == want
+    before = await stored(store)
+    same = await api.patch(SETTINGS_URL, json={}, headers=admin)
+    assert same.json() == want
+    assert await stored(store) == before
+
+
+@pytest.mark.parametrize("sketch_mode", ["exact"])
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        (b'{"bogus": 1}', ["body", "bogus"]),
+        (b'{"bogus": null}', ["body", "bogus"]),
+        (b'{"timezone": "Nowhere/City"}', ["body", "timezone"]),
+        (b'{"week_start": "friday"}', ["body", "week_start"]),
+        (b'{"week_start": 1}', ["body", "week_start"]),
+        (b'{"excluded_subjects": [""]}', ["body", "excluded_subjects"]),
+        (b'{"timezone": 5}', ["body", "timezone"]),
+        (b"[]", ["body"]),
+        (b"null", ["body"]),
+        (b'"UTC"', ["body"]),
+        (b"{not json", ["body"]),
+        (b"", ["body"]),
+    ],
+)
+async def test_invalid_bodies_are_422_and_change_nothing(
+    api: httpx.AsyncClient, settings: Settings, store: SketchStore, method: str, body: bytes,
+    loc: list[Any],
+) -> None:
+    admin = bearer(settings, "admin")
+    await api.put(SETTINGS_URL, json={"timezone": "Asia/Tokyo"}, headers=admin)
+    before = await stored(store)
+    resp = await api.request(method, SETTINGS_URL, content=body,
+                             headers={**admin, "Content-Type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    assert loc in [e["loc"][: len(loc)] for e in resp.json()["detail"]], resp.json()
+    assert await stored(store) == before
+
+
+@pytest.mark.parametrize("sketch_mode", ["exact"])
+async def test_patch_needs_the_write_permission_and_a_token_first(
+    api: httpx.AsyncClient, settings: Settings, store: SketchStore
+) -> None:
+    change = {"week_start": "sunday"}
+    for role, status in [("basic", 403), ("curator", 403), ("controller", 403),
+                         ("admin", 200), ("superadmin", 200)]:
+        resp = await api.patch(SETTINGS_URL, json=change, headers=bearer(settings, role))
+        assert resp.status_code == status, (role, resp.text)
+    assert (await api.patch("/api/v2/org/globex/workspace/w/settings", json=change,
+                            headers=bearer(settings, "admin"))).status_code == 403
+    assert await stored(store, Workspace("globex", "w")) is None
+    # Without a token, even a body that would be a 422 is a 401.
+    for body in (b'{"bogus": 1}', b"{not json"):
+        resp = await api.patch(SETTINGS_URL, content=body)
+        assert resp.status_code == 401, resp.text
+
+
+@pytest.mark.parametrize("sketch_mode", ["exact"])
+async def test_concurrent_patches_of_different_fields_all_survive(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Each PATCH reads, merges and writes; without the compare-and-set, the interleaved writes
+    would each put back the others' old values."""
+    admin = bearer(settings, "admin")
+    for _ in range(3):
+        await api.put(SETTINGS_URL, json={}, headers=admin)
+        patches = [{"timezone": "Asia/Tokyo"}, {"week_start": "sunday"},
+                   {"excluded_subjects": ["qa-*"]}]
+        answers = await asyncio.gather(
+            *(api.patch(SETTINGS_URL, json=p, headers=admin) for p in patches)
+        )
+        assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+        got = (await api.get(SETTINGS_URL, headers=admin)).json()
+        assert got == {"timezone": "Asia/Tokyo", "excluded_subjects": ["qa-*"],
+                       "week_start": "sunday"}
+
+
+async def test_compare_and_set_writes_only_over_the_value_it_read(store: SketchStore) -> None:
+    a, b = WorkspaceSettings(timezone="Asia/Tokyo"), WorkspaceSettings(timezone="UTC")
+    assert await compare_and_set(store, WS, None, a)
+    assert not await compare_and_set(store, WS, None, b)  # something is stored now
+    raw = await read_raw(store, WS)
+    assert raw is not None
+    assert not await compare_and_set(store, WS, raw + b" ", b)
+    assert await stored(store) == wss.encode(a)
+    assert await compare_and_set(store, WS, raw, b)
+    assert await stored(store) == wss.encode(b)

@@ -2,6 +2,11 @@
  *
  * - The token lives in sessionStorage only (this tab, until it closes), never in the URL or a
  *   cookie; org, workspace, period and window live in the URL so that a view can be bookmarked.
+ * - An empty workspace means the whole organization: the org endpoint counts each member once
+ *   across its workspaces, which no sum of workspace numbers can.
+ * - Each headline number gets its change against the previous period of the same length, from a
+ *   second request ending the day before this period's first row (the rows' dates are the
+ *   scope's local dates, which only the first answer tells).
  * - Ids are percent-encoded with encodeURIComponent, so any character (`/`, `:`, spaces,
  *   unicode) reaches the API as one path segment.
  * - Server text is only ever put in the page with textContent, never as HTML.
@@ -24,7 +29,10 @@
   // Everything the page knows; also a read-only handle for tests and debugging.
   const state = {
     rows: null,
+    previousRows: null,
+    comparison: null,
     timezone: "UTC",
+    weekStart: null,
     view: "active",
     charts: { active: null, stickiness: null },
     data: null,
@@ -94,6 +102,10 @@
     return new Date(ts * 1000).toISOString().slice(0, 10);
   }
 
+  function previousDay(day) {
+    return tsToDay(dayToTs(day) - 86400);
+  }
+
   function longDay(ts) {
     return `${WEEKDAYS[new Date(ts * 1000).getUTCDay()]} ${tsToDay(ts)}`;
   }
@@ -104,6 +116,35 @@
 
   function fmtPercent(v) {
     return v == null ? "—" : `${v.toFixed(1)} %`;
+  }
+
+  // "+12.5 %", "−3.0 %" (a real minus sign), "±0.0 %" when it rounds to nothing, "n/a".
+  function fmtChange(pct) {
+    if (pct == null) return "n/a";
+    const text = Math.abs(pct).toFixed(1);
+    if (text === "0.0") return "±0.0 %";
+    return `${pct > 0 ? "+" : "\u2212"}${text} %`;
+  }
+
+  function trendOf(pct) {
+    if (pct == null) return "na";
+    const text = Math.abs(pct).toFixed(1);
+    if (text === "0.0") return "flat";
+    return pct > 0 ? "up" : "down";
+  }
+
+  function weekdayName(weekStart) {
+    return weekStart === "sunday" ? "Sunday" : "Monday";
+  }
+
+  // How the API counted, from its response headers; "" when it does not say.
+  function countingText(mode, standardError) {
+    if (mode === "exact") return "exact counts";
+    if (mode !== "hll") return "";
+    const err = Number.parseFloat(standardError);
+    return Number.isFinite(err) && err > 0
+      ? `HyperLogLog, ±${+(err * 100).toFixed(2)} %`
+      : "HyperLogLog";
   }
 
   /* ---------- messages ---------- */
@@ -165,6 +206,8 @@
     } else if (status === 403) {
       hint = "Reading usage needs an admin, controller or curator token of this org " +
         "(or a superadmin token). Use “change” above to enter another token.";
+    } else if (status === 404) {
+      hint = "This server may not serve organization-wide numbers; enter a workspace.";
     } else if (status === 422) {
       hint = "Check the organization, workspace, period and window.";
     } else if (status === 503) {
@@ -201,6 +244,39 @@
   function average(ys) {
     const vals = ys.filter((v) => v != null);
     return vals.length ? vals.reduce((a, b) => a + b, 0) / vals.length : null;
+  }
+
+  // The mean of a count over every day of a period: a day without logins is null in the rows
+  // and counts as 0 users here. A series with no value at all has no mean (null).
+  function periodMean(ys) {
+    if (!ys.length || ys.every((v) => v == null)) return null;
+    return ys.reduce((a, v) => a + (v == null ? 0 : v), 0) / ys.length;
+  }
+
+  function change(current, previous) {
+    if (current == null || previous == null || previous === 0) return null;
+    return (100 * (current - previous)) / previous;
+  }
+
+  // A period has data when somebody logged in on one of its days. Its calendar WAU and MAU
+  // alone do not tell: the week or month of its last day may reach into the next period.
+  function hasLogins(d) {
+    return d != null && d.dau.some((v) => v != null);
+  }
+
+  // Each headline's period figure now and in the previous period, and the change between.
+  function compare(d, prev) {
+    const both = hasLogins(d) && hasLogins(prev);
+    const out = {};
+    for (const name of ["dau", "wau", "mau"]) {
+      const current = periodMean(d[name]);
+      const previous = both ? periodMean(prev[name]) : null;
+      out[name] = { current, previous, change: change(current, previous) };
+    }
+    const current = average(d.stick);
+    const previous = both ? average(prev.stick) : null;
+    out.stick = { current, previous, change: change(current, previous) };
+    return out;
   }
 
   /* ---------- charts ---------- */
@@ -318,9 +394,10 @@
 
   function explainActive() {
     const base = "DAU: distinct users who logged in that day (a gap is a day without logins). ";
+    const week = state.weekStart === "sunday" ? "the week (Sun–Sat)" : "the ISO week (Mon–Sun)";
     return $("window").value === "rolling"
       ? base + "WAU and MAU: distinct users of the 7 and 30 days ending that day."
-      : base + "WAU: the ISO week (Mon–Sun) holding the day; MAU: its calendar month. " +
+      : base + `WAU: ${week} holding the day; MAU: its calendar month. ` +
         "A week or month without logins keeps the previous value.";
   }
 
@@ -340,11 +417,51 @@
 
   /* ---------- rendering ---------- */
 
-  function render(q, rows, timezone) {
+  function scopeName(q) {
+    return q.workspace ? `${q.org} / ${q.workspace}` : `${q.org} (whole organization)`;
+  }
+
+  function showComparison(comparison, rows, previousRows, problem) {
+    const days = rows.length;
+    for (const name of ["dau", "wau", "mau", "stick"]) {
+      const c = comparison[name];
+      const el = $(`card-${name}-delta`);
+      el.textContent = fmtChange(c.change);
+      el.dataset.trend = trendOf(c.change);
+      const label = name === "stick" ? "average stickiness" : `average ${name.toUpperCase()}`;
+      el.title = c.change == null
+        ? (problem || `no ${name === "stick" ? "stickiness" : name.toUpperCase()} in the previous ${days} days`)
+        : `${label}: ${fmtNumber(c.current)} against ${fmtNumber(c.previous)} in the previous ${days} days`;
+    }
+    const prevRange = previousRows && previousRows.length
+      ? ` (${previousRows[0].date} to ${previousRows[previousRows.length - 1].date})`
+      : "";
+    $("compare-note").textContent =
+      `Change: the average of these ${days} days against the ${days} days before` +
+      `${prevRange}; a day without logins counts as 0.` +
+      (problem ? ` Previous period: ${problem}.` : "");
+  }
+
+  function fmtNumber(v) {
+    return v == null ? "—" : (Math.round(v * 10) / 10).toLocaleString("en-US");
+  }
+
+  function showCounting(counting, weekStart, windowName) {
+    $("counting").textContent = counting;
+    $("counting").hidden = !counting;
+    $("week-start").textContent = weekStart ? `weeks start ${weekdayName(weekStart)}` : "";
+    $("week-start").hidden = !weekStart || windowName !== "calendar";
+  }
+
+  function render(q, answer, previous) {
+    const rows = answer.rows;
+    const timezone = answer.timezone;
     hideOutputs();
     destroyCharts();
     state.rows = rows;
+    state.previousRows = previous.rows;
     state.timezone = timezone;
+    state.weekStart = answer.weekStart;
     const d = prepare(rows);
     state.data = d;
     const range = rows.length
@@ -354,8 +471,9 @@
     const empty = rows.every((r) => r.dau == null && r.wau == null && r.mau == null);
     if (empty) {
       $("empty-detail").textContent =
-        `Nobody logged in to ${q.org} / ${q.workspace} from ${range} (${timezone}). ` +
-        "Check the organization and workspace ids, or pick a longer period.";
+        `Nobody logged in to ${scopeName(q)} from ${range} (${timezone}). ` +
+        (q.workspace ? "Check the organization and workspace ids, or pick a longer period."
+          : "Check the organization id, or pick a longer period.");
       $("empty").hidden = false;
       setStatus("");
       setPageState("empty");
@@ -367,11 +485,39 @@
       $(`card-${name}-when`).textContent = last ? `latest, ${last.day}` : "no data";
     }
     $("card-stick").textContent = fmtPercent(average(d.stick));
+    state.comparison = compare(d, previous.rows ? prepare(previous.rows) : null);
+    showComparison(state.comparison, rows, previous.rows, previous.problem);
     $("tz").textContent = `Dates in ${timezone}`;
+    showCounting(answer.counting, answer.weekStart, q.window);
     $("results").hidden = false;
-    setStatus(`${q.org} / ${q.workspace} · ${rows.length} days, ${range} · ${windowName}`);
+    setStatus(`${scopeName(q)} · ${rows.length} days, ${range} · ${windowName}`);
     showView(state.view);
     setPageState("ready");
+  }
+
+  function usageUrl(q, endDate) {
+    const scope = q.workspace
+      ? `/api/v2/org/${encodeURIComponent(q.org)}/workspace/${encodeURIComponent(q.workspace)}`
+      : `/api/v2/org/${encodeURIComponent(q.org)}`;
+    const params = { period_length: q.period, window: q.window };
+    if (endDate) params.end_date = endDate;
+    return `${scope}/metrics/usage?${new URLSearchParams(params)}`;
+  }
+
+  async function fetchRows(url, token, signal) {
+    const resp = await fetch(url, {
+      headers: { Authorization: `Bearer ${token}`, Accept: "application/json" },
+      signal,
+      cache: "no-store",
+    });
+    const text = await resp.text();
+    let body = null;
+    try {
+      body = text ? JSON.parse(text) : null;
+    } catch (_err) {
+      body = null;
+    }
+    return { resp, body, text };
   }
 
   async function load() {
@@ -389,7 +535,7 @@
     const token = storedToken();
     const problem = !token
       ? "Enter an API token first."
-      : checkId("organization", q.org) || checkId("workspace", q.workspace);
+      : checkId("organization", q.org) || (q.workspace && checkId("workspace", q.workspace));
     if (problem) {
       showError("Missing input", problem, "");
       if (!token) showTokenField(true);
@@ -400,26 +546,13 @@
     if (state.request) state.request.abort();
     const controller = new AbortController();
     state.request = controller;
-    const url =
-      `/api/v2/org/${encodeURIComponent(q.org)}/workspace/${encodeURIComponent(q.workspace)}` +
-      `/metrics/usage?${new URLSearchParams({ period_length: q.period, window: q.window })}`;
+    const ask = (endDate) => fetchRows(usageUrl(q, endDate), token, controller.signal);
 
     setPageState("loading");
     setStatus("Loading…");
     $("load").disabled = true;
     try {
-      const resp = await fetch(url, {
-        headers: { Authorization: `Bearer ${token}`, Accept: "application/json" },
-        signal: controller.signal,
-        cache: "no-store",
-      });
-      const text = await resp.text();
-      let body = null;
-      try {
-        body = text ? JSON.parse(text) : null;
-      } catch (_err) {
-        body = null;
-      }
+      const { resp, body, text } = await ask(null);
       if (controller !== state.request) return;
       if (!resp.ok) {
         showHttpError(resp, body, text);
@@ -429,7 +562,27 @@
         showError("Unexpected answer", "The API answered 200 without rows of usage.", "");
         return;
       }
-      render(q, body, resp.headers.get("X-Timezone") || "UTC");
+      const answer = {
+        rows: body,
+        timezone: resp.headers.get("X-Timezone") || "UTC",
+        weekStart: resp.headers.get("X-Week-Start"),
+        counting: countingText(resp.headers.get("X-Sketch-Mode"),
+          resp.headers.get("X-Standard-Error")),
+      };
+      // The previous period: same length, ending the day before this one's first (local) day.
+      // Its failure costs only the comparison ("n/a"), never the numbers already here.
+      const previous = { rows: null, problem: "" };
+      if (body.length) {
+        setStatus("Loading the previous period…");
+        const prev = await ask(previousDay(body[0].date));
+        if (controller !== state.request) return;
+        if (prev.resp.ok && validRows(prev.body)) {
+          previous.rows = prev.body;
+        } else {
+          previous.problem = `not available (HTTP ${prev.resp.status})`;
+        }
+      }
+      render(q, answer, previous);
     } catch (err) {
       if (err && err.name === "AbortError") return;
       showError("Could not reach the API", String(err && err.message ? err.message : err),
@@ -469,7 +622,8 @@
       window.addEventListener("resize", resize);
     }
     $("tz").textContent = "Dates in UTC";
-    if (storedToken() && $("org").value && $("workspace").value) {
+    // A bookmarked view names its org (and a workspace, or none for the whole org).
+    if (storedToken() && $("org").value && new URLSearchParams(window.location.search).has("org")) {
       load();
     } else {
       (storedToken() ? $("org") : $("token")).focus();
