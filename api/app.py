@@ -20,7 +20,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import dashboard, observability, ratelimit, settings_routes
 from api.auth import Forbidden, TokenVerifier, Unauthenticated
-from api.cache import ResultCache
 from api.routes import router
 from sketches.errors import CorruptSketch, StoreUnavailable
 from sketches.store import SketchStore
@@ -76,7 +75,6 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
     )
     app.state.settings = settings
     app.state.verifier = TokenVerifier(settings)
-    app.state.result_cache = ResultCache(settings.result_cache_entries)
     if store is not None:
         app.state.store = store
     if app.state.verifier.algorithm is None:

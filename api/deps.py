@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth import Principal, TokenVerifier, Unauthenticated
-from api.cache import ResultCache
+from sketches.results import Answers
 from sketches.store import SketchStore
 from usage_metrics.config import Settings
 
@@ -26,9 +26,21 @@ def get_store(request: Request) -> SketchStore:
     return store
 
 
-def get_cache(request: Request) -> ResultCache:
-    cache: ResultCache = request.app.state.result_cache
-    return cache
+def get_answers(request: Request) -> Answers:
+    """The process's answers (stored results and response cache), made once for the store the
+    application uses."""
+    state = request.app.state
+    answers: Answers | None = getattr(state, "answers", None)
+    if answers is None or answers.store is not state.store:
+        settings: Settings = state.settings
+        answers = Answers(
+            state.store,
+            retention_days=settings.retention_days,
+            default_timezone=settings.default_timezone,
+            cache_entries=settings.result_cache_entries,
+        )
+        state.answers = answers
+    return answers
 
 
 def get_verifier(request: Request) -> TokenVerifier:
@@ -47,5 +59,5 @@ def get_principal(
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[SketchStore, Depends(get_store)]
-CacheDep = Annotated[ResultCache, Depends(get_cache)]
+AnswersDep = Annotated[Answers, Depends(get_answers)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -1,9 +1,11 @@
-"""The usage endpoint. It parses, authorizes and renders; the counting is ``sketches.query``."""
+"""The usage endpoints (a workspace's, an org's). They parse, authorize and render; the answers
+come from ``sketches.results``."""
 
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timedelta
+from dataclasses import dataclass
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
@@ -12,13 +14,12 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
 
 from api.auth import READ_METRICS, Principal
-from api.deps import CacheDep, PrincipalDep, SettingsDep, StoreDep, get_principal
+from api.deps import AnswersDep, PrincipalDep, SettingsDep, get_principal
 from api.schemas import ErrorBody, UsageMetric
-from sketches import workspace_settings as ws_settings
-from sketches.keys import MAX_ORG_ID, MAX_WORKSPACE_ID, Workspace
-from sketches.query import Metric, UsageRow, Window, usage
-from sketches.store import SketchStore, run_pipeline
-from sketches.workspace_settings import WorkspaceSettings
+from sketches.keys import MAX_ORG_ID, MAX_WORKSPACE_ID, Workspace, org_scope
+from sketches.query import Metric, UsageRow, Window
+from sketches.results import Answers
+from sketches.results import Query as AnswerQuery
 from usage_metrics.config import Settings
 
 # Authentication first: a caller without a valid token learns nothing, not even which input
@@ -26,6 +27,7 @@ from usage_metrics.config import Settings
 router = APIRouter(dependencies=[Depends(get_principal)])
 
 USAGE_PATH = "/api/v2/org/{org_id}/workspace/{workspace_id}/metrics/usage"
+ORG_USAGE_PATH = "/api/v2/org/{org_id}/metrics/usage"
 MAX_METRIC_VALUES = 16
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # No row may start before this day: far older dates only overflow date arithmetic.
@@ -75,6 +77,21 @@ WorkspaceDep = Annotated[Workspace, Depends(workspace_ref)]
 
 def metrics_reader(ws: WorkspaceDep, caller: PrincipalDep) -> Principal:
     caller.require(READ_METRICS, ws.org_id)
+    return caller
+
+
+def org_ref(
+    org_id: Annotated[str, Path(description="Organization id (percent-encode '/' and '%')")],
+) -> Workspace:
+    """The org's own scope (its sketches count each member once across its workspaces)."""
+    return org_scope(_path_id("org_id", org_id, MAX_ORG_ID))
+
+
+OrgDep = Annotated[Workspace, Depends(org_ref)]
+
+
+def org_reader(org: OrgDep, caller: PrincipalDep) -> Principal:
+    caller.require(READ_METRICS, org.org_id)
     return caller
 
 
@@ -129,40 +146,30 @@ def render_csv(rows: list[UsageRow]) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
-async def config_and_version(
-    store: SketchStore, settings: Settings, ws: Workspace
-) -> tuple[WorkspaceSettings, bytes | None]:
-    """The workspace's settings and its data version token, in one round trip."""
-    raw, version = await run_pipeline(
-        store.client, [("GET", store.keys.settings(ws)), ("GET", store.keys.version(ws))]
+COUNTING_HEADERS = {
+    "hll": {"X-Sketch-Mode": "hll", "X-Standard-Error": "0.0081"},
+    "exact": {"X-Sketch-Mode": "exact", "X-Standard-Error": "0"},
+}
+WEEK_START_HEADER = "X-Week-Start"
+
+
+def render_json(rows: list[UsageRow]) -> bytes:
+    return orjson.dumps(
+        [{"date": r.date.isoformat(), "dau": r.dau, "wau": r.wau, "mau": r.mau} for r in rows]
     )
-    if isinstance(raw, BaseException):
-        raw = None
-    if isinstance(version, BaseException):
-        version = None
-    return ws_settings.decode(raw, settings.default_timezone), version
 
 
-@router.get(
-    USAGE_PATH,
-    response_model=list[UsageMetric],
-    responses={
-        **ERROR_RESPONSES,
-        200: {
-            "description": "One row per day, oldest first; `text/csv` when asked",
-            "content": {"text/csv": {"example": "date,dau,wau,mau\r\n2026-11-24,45,120,450\r\n"}},
-            "headers": {TIMEZONE_HEADER: {"description": "the timezone the dates are in",
-                                          "schema": {"type": "string"}}},
-        },
-    },
-    summary="Daily, weekly and monthly active users of a workspace",
-)
-async def get_usage(
-    ws: WorkspaceDep,
-    _caller: Annotated[Principal, Depends(metrics_reader)],
+@dataclass(frozen=True)
+class UsageParams:
+    period_length: int
+    metrics: frozenset[Metric]
+    window: Window
+    end_date: str | None
+    csv: bool
+
+
+def usage_params(
     settings: SettingsDep,
-    store: StoreDep,
-    cache: CacheDep,
     period_length: Annotated[
         int, Query(ge=0, description="days before end_date to include (rows = this + 1)")
     ] = 365,
@@ -175,17 +182,16 @@ async def get_usage(
     ),
     end_date: Annotated[
         str | None,
-        Query(description="last day, YYYY-MM-DD, in the workspace's timezone; default today",
+        Query(description="last day, YYYY-MM-DD, in the scope's timezone; default today",
               max_length=10),
     ] = None,
     format: Annotated[
         Literal["json", "csv"] | None, Query(description="csv for a spreadsheet (or Accept)")
     ] = None,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> Response:
-    """Rows from ``end_date - period_length`` to ``end_date``, oldest first. A metric not asked
-    for is null in every row; a day, week or month with no login is null, never 0. Dates are
-    the workspace's local dates (header ``X-Timezone``; UTC unless the workspace sets one)."""
+) -> UsageParams:
+    """The parameters both usage endpoints share; the date rules need the scope's timezone and
+    are checked once it is known."""
     if period_length > settings.max_period_length:
         raise invalid(
             ("query", "period_length"),
@@ -193,34 +199,92 @@ async def get_usage(
             period_length,
             kind="less_than_equal",
         )
-    wanted = parse_metrics(metrics)
-    config, version = await config_and_version(store, settings, ws)
-    today = datetime.now(ws_settings.zone(config.timezone)).date()
-    end = parse_end_date(end_date, today)
-    if (end - EARLIEST_DAY).days < period_length:
-        raise invalid(("query", "end_date"), f"rows must not start before {EARLIEST_DAY}",
-                      end_date)
-    csv = wants_csv(format, accept)
-    headers = {TIMEZONE_HEADER: config.timezone}
-    media = "text/csv; charset=utf-8" if csv else "application/json"
-    cache_key = (ws, config.timezone, today, end, period_length, wanted, window, csv)
-    cached = cache.get(cache_key, version)
-    if cached is not None:
-        return Response(cached, media_type=media, headers={**headers, CACHE_HEADER: "hit"})
-    rows = await usage(
-        store,
-        ws,
-        end=end,
-        period_length=period_length,
-        metrics=wanted,
-        window=window,
-        horizon=today - timedelta(days=settings.retention_days),
+    return UsageParams(
+        period_length, parse_metrics(metrics), window, end_date, wants_csv(format, accept)
     )
-    if csv:
-        body = render_csv(rows).encode()
-    else:
-        body = orjson.dumps(
-            [{"date": r.date.isoformat(), "dau": r.dau, "wau": r.wau, "mau": r.mau} for r in rows]
-        )
-    cache.put(cache_key, version, body)
-    return Response(body, media_type=media, headers={**headers, CACHE_HEADER: "miss"})
+
+
+UsageParamsDep = Annotated[UsageParams, Depends(usage_params)]
+
+
+async def serve_usage(
+    scope: Workspace, params: UsageParams, settings: Settings, answers: Answers
+) -> Response:
+    """One round trip reads the scope's settings, change stamps and stored result; the rows
+    come from ``sketches.results``, which recomputes only what changed."""
+    snap = await answers.snapshot(scope)
+    config = snap.config
+    today = datetime.now(config.tz).date()
+    end = parse_end_date(params.end_date, today)
+    if (end - EARLIEST_DAY).days < params.period_length:
+        raise invalid(("query", "end_date"), f"rows must not start before {EARLIEST_DAY}",
+                      params.end_date)
+    query = AnswerQuery(end, params.period_length, params.metrics, params.window, today)
+    render = (lambda rows: render_csv(rows).encode()) if params.csv else render_json
+    body, hit = await answers.answer(snap, query, render, "csv" if params.csv else "json")
+    headers = {
+        TIMEZONE_HEADER: config.timezone,
+        WEEK_START_HEADER: config.week_start,
+        **COUNTING_HEADERS[settings.sketch_mode],
+        CACHE_HEADER: "hit" if hit else "miss",
+    }
+    media = "text/csv; charset=utf-8" if params.csv else "application/json"
+    return Response(body, media_type=media, headers=headers)
+
+
+def _usage_responses(scope: str) -> dict[int | str, dict[str, Any]]:
+    text = {"type": "string"}
+    return {
+        **ERROR_RESPONSES,
+        200: {
+            "description": "One row per day, oldest first; `text/csv` when asked",
+            "content": {"text/csv": {"example": "date,dau,wau,mau\r\n2026-11-24,45,120,450\r\n"}},
+            "headers": {
+                TIMEZONE_HEADER: {"description": f"the timezone the {scope}'s dates are in",
+                                  "schema": text},
+                WEEK_START_HEADER: {"description": "monday or sunday: the calendar week used",
+                                    "schema": text},
+                "X-Sketch-Mode": {"description": "hll (HyperLogLog) or exact", "schema": text},
+                "X-Standard-Error": {"description": "relative standard error of each count "
+                                     "(0.0081 for hll, 0 for exact)", "schema": text},
+            },
+        },
+    }
+
+
+@router.get(
+    USAGE_PATH,
+    response_model=list[UsageMetric],
+    responses=_usage_responses("workspace"),
+    summary="Daily, weekly and monthly active users of a workspace",
+)
+async def get_usage(
+    ws: WorkspaceDep,
+    _caller: Annotated[Principal, Depends(metrics_reader)],
+    params: UsageParamsDep,
+    settings: SettingsDep,
+    answers: AnswersDep,
+) -> Response:
+    """Rows from ``end_date - period_length`` to ``end_date``, oldest first. A metric not asked
+    for is null in every row; a day, week or month with no login is null, never 0. Dates are
+    the workspace's local dates (header ``X-Timezone``; UTC unless the workspace sets one)."""
+    return await serve_usage(ws, params, settings, answers)
+
+
+@router.get(
+    ORG_USAGE_PATH,
+    response_model=list[UsageMetric],
+    responses=_usage_responses("org"),
+    summary="Daily, weekly and monthly active users of a whole org, each counted once",
+)
+async def get_org_usage(
+    org: OrgDep,
+    _caller: Annotated[Principal, Depends(org_reader)],
+    params: UsageParamsDep,
+    settings: SettingsDep,
+    answers: AnswersDep,
+) -> Response:
+    """As the workspace endpoint, for every workspace of the org at once: a subject active in
+    several workspaces counts once; another org's subjects never count; a login its workspace
+    excludes does not count here either. Dates are the org's local dates (its own settings)."""
+    return await serve_usage(org, params, settings, answers)

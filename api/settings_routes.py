@@ -20,16 +20,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from api.auth import READ_METRICS, WRITE_ORG_SETTINGS, WRITE_SETTINGS, Principal
+from api.auth import WRITE_ORG_SETTINGS, WRITE_SETTINGS, Principal
 from api.deps import PrincipalDep, SettingsDep, StoreDep, get_principal
-from api.routes import ERROR_RESPONSES, WorkspaceDep, _path_id, metrics_reader
+from api.routes import ERROR_RESPONSES, OrgDep, WorkspaceDep, metrics_reader, org_reader
 from api.schemas import ErrorBody
 from sketches import workspace_settings as ws_settings
-from sketches.keys import MAX_ORG_ID, Workspace, org_scope
+from sketches.keys import Workspace
 from sketches.store import SketchStore, run_pipeline
 from sketches.workspace_settings import OrgSettings, S, WorkspaceSettings
 
@@ -63,20 +63,6 @@ WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
           "content": {"application/json": {
               "example": {"detail": "the settings kept changing concurrently; try again"}}}},
 }
-
-
-def org_ref(
-    org_id: Annotated[str, Path(description="Organization id (percent-encode '/' and '%')")],
-) -> Workspace:
-    return org_scope(_path_id("org_id", org_id, MAX_ORG_ID))
-
-
-OrgDep = Annotated[Workspace, Depends(org_ref)]
-
-
-def org_reader(org: OrgDep, caller: PrincipalDep) -> Principal:
-    caller.require(READ_METRICS, org.org_id)
-    return caller
 
 
 def org_writer(org: OrgDep, caller: PrincipalDep) -> Principal:

@@ -39,9 +39,10 @@ Never stale
   tag, hence the same node on a cluster): a Redis that loses the tail of its log loses the result
   with them. The result also records ``seq``; a ``seq`` below it (something went backwards) drops
   the stored result.
-- A stored result expires no later than the scope's ``seq`` (its ``PTTL`` is read in the same
-  round trip), so a counter that expired and started again can never meet a result that saw its
-  old values.
+- A counter that went away and started again (it expired, or was deleted) has a new random
+  ``epoch``, which the stored result records: a result of another epoch is dropped. A stored
+  result also expires no later than the scope's ``seq`` (its ``PTTL`` is read in the same round
+  trip).
 - The timezone and week start are part of the stored result (its *variant*): a settings change
   finds a result of another variant and starts afresh. A rebuild deletes the stamps and the
   result; a day whose key expired lies before the retention horizon, where stored entries are
@@ -289,6 +290,7 @@ class Snapshot:
     config: Resolved
     version: bytes | None
     seq: int | None
+    epoch: str
     seq_ttl_ms: int
     stamps: bytes | None
     stored: bytes | None
@@ -367,7 +369,7 @@ class Answers:
             [
                 ("GET", keys.settings(scope)),
                 ("GET", keys.version(scope)),
-                ("GET", keys.seq(scope)),
+                ("HMGET", keys.seq(scope), "n", "epoch"),
                 ("PTTL", keys.seq(scope)),
                 ("GET", keys.stamps(scope)),
                 ("GET", variant_key),
@@ -376,13 +378,15 @@ class Answers:
         settings_raw, version, seq, ttl, stamps, stored = (
             None if isinstance(r, BaseException) else r for r in raw
         )
+        count, epoch = seq if isinstance(seq, list) and len(seq) == 2 else (None, None)
         settings = decode_scope(settings_raw, scope, self.default_timezone)
         return Snapshot(
             scope=scope,
             settings=settings,
             config=resolve(settings),
             version=version,
-            seq=int(seq) if seq is not None else None,
+            seq=int(count) if count is not None else None,
+            epoch=epoch.decode() if isinstance(epoch, bytes) else str(epoch or ""),
             seq_ttl_ms=int(ttl) if ttl is not None else -2,
             stamps=stamps,
             stored=stored,
@@ -427,7 +431,9 @@ class Answers:
         self, snap: Snapshot, query: Query, horizon: date, columns: list[Column]
     ) -> Stored:
         assert snap.seq is not None
-        variant = snap.config.variant
+        # The epoch of the counter belongs to the variant: a counter that started again is
+        # another series of stamps altogether.
+        variant = f"{snap.config.variant}#{snap.epoch}"
         n = (query.today - horizon).days + 1
         stored = Stored.decode(snap.stored) if snap.stored else None
         if stored is None or stored.variant != variant or stored.seq > snap.seq:

@@ -11,9 +11,11 @@ whole or not at all.
 
 What the script does, in order (``WRITE_SCRIPT``):
 
-1. ``INCR`` the scope's ``seq`` (``KeySpace.seq``): a counter that only ever grows. The rebuild
-   keeps it when it deletes a scope's sketches, so a value is never handed out twice while
-   anything that recorded it survives.
+1. Increment the scope's ``seq`` (``KeySpace.seq``, a hash): a counter ``n`` that only ever
+   grows, and an ``epoch`` set once, when the hash is created, to the batch's random token. The
+   rebuild keeps it when it deletes a scope's sketches. Should the hash ever go (it expires long
+   after the scope's last write, or someone deletes it), the counter starts again under a new
+   epoch, so a value handed out twice is never mistaken for the same one.
 2. Stamp every local day the batch touched with that value, in a ring of u32 slots
    (``KeySpace.stamps``, one ``BITFIELD``): slot ``date.toordinal() % STAMP_RING``. A stored
    result (``sketches.results``) keeps the stamps it was computed from and recomputes exactly
@@ -57,7 +59,8 @@ UNPACK_CHUNK = 4000
 WRITE_SCRIPT = """
 local cmd = ARGV[1]
 local ttl = ARGV[3]
-local seq = redis.call('INCR', KEYS[1])
+local seq = redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('SET', KEYS[3], ARGV[2], 'EX', ttl)
 local nslots = tonumber(ARGV[4])

@@ -9,7 +9,7 @@ import httpx
 
 from api.app import create_app
 from api.auth import issue_token
-from api.cache import ResultCache
+from sketches.results import ResultCache
 from sketches.store import SketchStore
 from tests.support.kafka import merge_ends, produce, wait_applied
 from tests.test_consumer import running

@@ -29,6 +29,8 @@ from redis.crc import key_slot
 from sketches.keys import KeySpace, Workspace
 from sketches.periods import Period, day_of, periods_holding
 from sketches.query import Metric, Window, usage
+from sketches.results import Answers
+from sketches.results import Query as AnswerQuery
 from sketches.store import (
     ExactStore,
     HllStore,
@@ -104,7 +106,7 @@ def test_the_slot_function_matches_the_specification_and_redis_py() -> None:
 KEY_ARGS: Mapping[str, slice] = {
     "PFCOUNT": slice(1, None), "GET": slice(1, 2), "SCARD": slice(1, 2),
     "SMEMBERS": slice(1, 2), "PFADD": slice(1, 2), "SADD": slice(1, 2),
-    "EXPIREAT": slice(1, 2), "SET": slice(1, 2),
+    "EXPIREAT": slice(1, 2), "SET": slice(1, 2), "HMGET": slice(1, 2), "PTTL": slice(1, 2),
 }
 EMPTY_REPLY: Mapping[str, Any] = {"PFCOUNT": 0, "SCARD": 0, "GET": None, "SMEMBERS": set()}
 
@@ -128,6 +130,8 @@ def reply_to(cmd: tuple[Any, ...]) -> Any:
         return []
     if name in SCRIPTS:
         return [EMPTY_REPLY[str(cmd[-1]).upper()] for _ in range(int(cmd[2]))]
+    if name == "HMGET":  # a scope's seq counter and epoch: written to, so results are stored
+        return [b"3", b"epoch"]
     return EMPTY_REPLY.get(name, 1)
 
 
@@ -200,6 +204,35 @@ async def test_every_key_of_a_query_hashes_to_its_workspace_slot(
     for cmd in commands:
         for key in keys_of(cmd):
             assert key.startswith(store.keys.workspace_prefix(ws)), key
+            assert slot_of(key) == want, (cmd[0], key)
+
+
+@hyp_settings(max_examples=40, deadline=None)
+@given(
+    org=ids, workspace=ids, org_level=st.booleans(),
+    kind=st.sampled_from(STORE_KINDS),
+    window=st.sampled_from(list(Window)),
+    metrics=st.sampled_from(METRIC_SUBSETS),
+    period_length=st.sampled_from(PERIOD_LENGTHS),
+)
+async def test_every_key_of_a_stored_result_answer_hashes_to_its_scopes_slot(
+    org: str, workspace: str, org_level: bool, kind: str, window: Window,
+    metrics: frozenset[Metric], period_length: int,
+) -> None:
+    """The snapshot (settings, version, seq, stamps, stored result), the recompute and the
+    write-back of a workspace's or an org's answer: one slot, the scope's."""
+    store, client = recording_store(kind)
+    scope = Workspace(org, workspace).org if org_level else Workspace(org, workspace)
+    answers = Answers(store, retention_days=800, default_timezone="UTC", cache_entries=0)
+    snap = await answers.snapshot(scope)
+    assert snap.seq == 3
+    await answers.rows(snap, AnswerQuery(END, period_length, metrics, window, END))
+    want = slot_of(store.keys.hash_tag(scope))
+    sent = client.commands()
+    assert any(str(c[0]).upper() == "SET" for c in sent), "the result was not written back"
+    for cmd in sent:
+        for key in keys_of(cmd):
+            assert key.startswith(store.keys.workspace_prefix(scope)), key
             assert slot_of(key) == want, (cmd[0], key)
 
 
