@@ -313,6 +313,30 @@ async def test_non_utc_workspace_end_to_end_and_rebuild_rebuckets_history(
     await check(WS, oracle(WS, "Asia/Tokyo"))
     await check(other, oracle(other, "Europe/Berlin", frozenset({"u6"})))
 
+    # The org's own sketches (UTC, Monday weeks so far) move to Kathmandu and Sunday weeks with
+    # `rebuild --org` alone: both workspaces' logins, the berlin exclusion kept, and neither
+    # workspace touched.
+    org = WS.org
+    await wss.save(store.client, store.keys, org,
+                   wss.OrgSettings(timezone="Asia/Kathmandu", week_start="sunday"))
+    rebuilt = subprocess.run(
+        [sys.executable, "-m", "usage_metrics.cli", "rebuild", "--org", "acme"],
+        env=consumer_env(settings), capture_output=True, timeout=120,
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr.decode()[-2000:]
+    assert b"rebuilt org acme" in rebuilt.stdout
+    want = Oracle((org, e.subject, e.timestamp.astimezone(ZoneInfo("Asia/Kathmandu")).date())
+                  for e in events
+                  if not (e.workspace_id == other.workspace_id and e.subject == "u6"))
+    for window in (Window.CALENDAR, Window.ROLLING):
+        rows = await usage(store, org, end=today, period_length=14, window=window,
+                           horizon=today - timedelta(days=800), week_start="sunday")
+        assert_rows_match(rows_as_dicts(rows),
+                          want.rows(org, today, 14, window.value, week_start="sunday"),
+                          sketch_mode)
+    await check(WS, oracle(WS, "Asia/Tokyo"))
+    await check(other, oracle(other, "Europe/Berlin", frozenset({"u6"})))
+
 
 async def test_replay_only_one_workspace_leaves_the_others_alone(
     settings: Settings, store: SketchStore, topics: tuple[str, str]

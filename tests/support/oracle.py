@@ -35,9 +35,12 @@ class Oracle:
     def dau(self, ws: Workspace, d: date) -> int | None:
         return len(self._union(ws, [d])) or None
 
-    def week_days(self, d: date) -> list[date]:
-        monday = d - timedelta(days=d.isocalendar().weekday - 1)
-        return [monday + timedelta(days=i) for i in range(7)]
+    def week_days(self, d: date, week_start: str = "monday") -> list[date]:
+        """The 7 days of the week holding ``d``: Monday to Sunday (ISO), or Sunday to
+        Saturday."""
+        back = d.isocalendar().weekday - 1 if week_start == "monday" else d.isoweekday() % 7
+        first = d - timedelta(days=back)
+        return [first + timedelta(days=i) for i in range(7)]
 
     def month_days(self, d: date) -> list[date]:
         first = d.replace(day=1)
@@ -47,12 +50,12 @@ class Oracle:
             cur += timedelta(days=1)
         return out
 
-    def _filled(self, ws: Workspace, d: date, span: str) -> int | None:
+    def _filled(self, ws: Workspace, d: date, span: str, week_start: str) -> int | None:
         """The period's count, else the previous day's value, back to the first data."""
         oldest = min(self.days.get(ws, {d: set()}), default=d)
         cur = d
         while True:
-            days = self.week_days(cur) if span == "week" else self.month_days(cur)
+            days = self.week_days(cur, week_start) if span == "week" else self.month_days(cur)
             if days[-1] < oldest:
                 return None
             n = len(self._union(ws, days))
@@ -61,13 +64,15 @@ class Oracle:
             cur = days[0] - timedelta(days=1)
 
     def rows(
-        self, ws: Workspace, end: date, period_length: int, window: str = "calendar"
+        self, ws: Workspace, end: date, period_length: int, window: str = "calendar",
+        week_start: str = "monday",
     ) -> list[dict[str, object]]:
         out = []
         for i in range(period_length, -1, -1):
             d = end - timedelta(days=i)
             if window == "calendar":
-                wau, mau = self._filled(ws, d, "week"), self._filled(ws, d, "month")
+                wau = self._filled(ws, d, "week", week_start)
+                mau = self._filled(ws, d, "month", week_start)
             else:
                 wau = len(self._union(ws, [d - timedelta(days=k) for k in range(7)])) or None
                 mau = len(self._union(ws, [d - timedelta(days=k) for k in range(30)])) or None
