@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import shutil
 import sys
@@ -16,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from bench import accuracy, ingest, queries, querydata
-from bench.config import as_dict, load_config
+from bench import accuracy, ingest, live, live_ingest, queries, querydata
+from bench.config import BenchConfig, as_dict, load_config
 from bench.contention import WatchProcess, wait_quiet
 from bench.report import markdown, profiles
 from bench.util import REPO, machine, say
@@ -47,6 +48,35 @@ def _section(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
 def _dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _live_sections(
+    cfg: BenchConfig, results: dict[str, Any], logdir: Path, servers: list[Any]
+) -> None:
+    """History through the real consumer once, then the sections that query it; the consumer,
+    API and producer processes live until the last of them is done."""
+    broker = TansuBroker(log=logdir / "tansu-live.log").start()
+    servers.append(broker)
+    store = RedisServer(directory=_dir(logdir / "redis-live")).start()
+    servers.append(store)
+    secret = secrets.token_urlsafe(32)
+    with contextlib.ExitStack() as procs:
+        holder: dict[str, live.Stack] = {}
+
+        def history() -> dict[str, Any]:
+            holder["stack"] = live.prepare(cfg, broker.bootstrap, store.url, logdir, secret,
+                                           procs)
+            return holder["stack"].stats
+
+        _section(results, "live_history", history)
+        stack = holder.get("stack")
+        if stack is not None:
+            if "backfill_query" in cfg.sections:
+                _section(results, "backfill_query", lambda: live.backfill_query(stack))
+            if "live" in cfg.sections:
+                _section(results, "live", lambda: live.live(stack))
+    broker.stop()
+    store.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +109,15 @@ def main(argv: list[str] | None = None) -> int:
                      lambda: ingest.run(cfg, broker.bootstrap, ingest_redis.url, logdir, today))
             broker.stop()
             ingest_redis.stop()
+        if "live_ingest" in cfg.sections:
+            broker = TansuBroker(log=logdir / "tansu-live-ingest.log").start()
+            servers.append(broker)
+            live_redis = RedisServer(directory=_dir(logdir / "redis-live-ingest")).start()
+            servers.append(live_redis)
+            _section(results, "live_ingest",
+                     lambda: live_ingest.run(cfg, broker.bootstrap, live_redis.url, logdir))
+            broker.stop()
+            live_redis.stop()
         if "query" in cfg.sections:
             query_redis = RedisServer(directory=_dir(logdir / "redis-query")).start()
             servers.append(query_redis)
@@ -97,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                     queries.redis_cost_section(cfg, data, url, today)))
                 _section(results, "memory", lambda: asyncio.run(
                     queries.memory_section(cfg, data, url)))
+        if {"live", "backfill_query"} & set(cfg.sections):
+            _live_sections(cfg, results, logdir, servers)
         if "accuracy" in cfg.sections:
             if not any(isinstance(s, RedisServer) and s.proc and s.proc.poll() is None
                        for s in servers):

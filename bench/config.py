@@ -37,13 +37,32 @@ class BenchConfig:
     probe_rounds: int = 3
     wait_quiet: float = 60.0  # seconds to wait at most for other processes to go quiet
 
+    # The shapes users have (issue 10). History: ``backfill_workspaces`` workspaces (the dense
+    # ones of ``live_dense_dau`` first, the rest 10-100 active users a day) with ``history_days``
+    # days ending yesterday, through the real consumer. Live: a producer sends today's logins of
+    # the densest at ``live_rate`` while one client queries it for ``live_seconds`` per window.
+    backfill_workspaces: int = 30
+    live_dense_dau: tuple[int, ...] = (3_000, 1_500, 800)
+    history_days: int = 760
+    live_rate: float = 1_000.0
+    live_seconds: float = 20.0
+    live_health_seconds: float = 3.0
+    live_cost_rounds: int = 5
+    live_tolerance: float = 0.03  # HLL answers vs exact counts of what the store held
+    live_exact_days: int = 35  # history of the short exact-mode pass
+    live_exact_seconds: float = 8.0
+    # Ingestion of the live shape: timestamps within the last minute, Zipf workspace sizes.
+    live_workspaces: int = 1_000
+    live_events: int = 2_000_000
+
     # Accuracy: log-spaced cardinalities, independent sketches per cardinality.
     acc_min: int = 10
     acc_max: int = 1_000_000
     acc_per_decade: int = 4
     acc_trials: int = 5
 
-    sections: tuple[str, ...] = ("ingest", "query", "accuracy")
+    sections: tuple[str, ...] = ("ingest", "live_ingest", "query", "backfill_query", "live",
+                                 "accuracy")
     profile: bool = True
     quick: bool = False
     seed: int = 20_261_124
@@ -71,6 +90,13 @@ QUICK = {
     "profile_seconds": 6.0,
     "acc_per_decade": 2,
     "acc_trials": 2,
+    "backfill_workspaces": 20,
+    "live_dense_dau": (1_500, 500),
+    "live_seconds": 8.0,
+    "live_health_seconds": 2.0,
+    "live_cost_rounds": 3,
+    "live_exact_seconds": 4.0,
+    "live_events": 500_000,
 }
 
 
@@ -96,9 +122,13 @@ _PARSERS: dict[str, Any] = {
     "period_lengths": _tuple_of_ints, "inproc_repeats": int, "inproc_server_repeats": int,
     "inproc_small_sample": int, "acc_min": int, "acc_max": int, "acc_per_decade": int,
     "acc_trials": int, "sections": _tuple_of_str, "seed": int, "output": str,
+    "backfill_workspaces": int, "live_dense_dau": _tuple_of_ints, "history_days": int,
+    "live_rate": float, "live_seconds": float, "live_health_seconds": float,
+    "live_cost_rounds": int, "live_tolerance": float, "live_exact_days": int,
+    "live_exact_seconds": float, "live_workspaces": int, "live_events": int,
 }
 
-SECTIONS = ("ingest", "query", "accuracy")
+SECTIONS = ("ingest", "live_ingest", "query", "backfill_query", "live", "accuracy")
 
 
 def build_parser() -> argparse.ArgumentParser:

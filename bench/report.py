@@ -14,6 +14,15 @@ TARGET_ROLLING_COLD_P99_MS = 50.0
 TARGET_ROLLING_WARM_P99_MS = 20.0
 TARGET_SPEEDUP = 10.0
 TARGET_REDIS_BUSY_MS = 5.0
+# Issue 10: the shapes users have.
+TARGET_LIVE_P50_MS = 5.0
+TARGET_LIVE_P95_MS = 10.0
+TARGET_BACKFILL_ROLLING_P99_MS = 100.0
+TARGET_BACKFILL_CALENDAR_P99_MS = 20.0
+TARGET_LIVE_INGEST_RATIO = 0.8
+TARGET_COMMAND_MS = 5.0
+TARGET_LIVE_REDIS_MS = 2.0
+TARGET_STORED_SHARE = 0.10
 
 
 def _ok(flag: bool | None) -> str:
@@ -112,6 +121,7 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
                         f"client waited up to {total['probe']['median_max_ms']:.1f} ms, median "
                         f"of rounds, idle {cost['idle_probe']['median_max_ms']:.1f} ms)",
             "pass": total["redis_total_ms"] <= TARGET_REDIS_BUSY_MS})
+    out.extend(live_verdicts(results))
     acc = results.get("accuracy")
     if acc and "rms_error" in acc:
         se, n = acc["standard_error"], acc["sketches"]
@@ -123,6 +133,108 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
                         f"within 1 SE",
             "pass": acc["rms_error"] <= bound and acc["client_estimate_mismatches"] == 0})
     return out
+
+
+def live_verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of issue 10's targets; a section that failed or did not run adds none."""
+    out: list[dict[str, Any]] = []
+    li = results.get("live_ingest")
+    if li and "median_rate" in li:
+        rate, ratio = li["median_rate"]["hll"], li["ratio_to_bare"]["hll"]
+        out.append({
+            "target": f"ingestion, live shape (timestamps within the last minute, "
+                      f"{li['topic']['workspaces']:,} workspaces) ≥ 80 % of the bare consumer",
+            "measured": f"{rate:,.0f} events/s = {ratio * 100:.0f} % of "
+                        f"{li['median_rate']['bare']:,.0f} (bare, same topic)",
+            "pass": ratio >= TARGET_LIVE_INGEST_RATIO})
+    bq = results.get("backfill_query")
+    if bq and "windows" in bq:
+        for window, limit in (("rolling", TARGET_BACKFILL_ROLLING_P99_MS),
+                              ("calendar", TARGET_BACKFILL_CALENDAR_P99_MS)):
+            w = bq["windows"][window]
+            first = w["first"]
+            out.append({
+                "target": f"after a backfill (every day changed): 730-day {window}, first query "
+                          f"of each workspace, p99 ≤ {limit:.0f} ms",
+                "measured": f"p99 {_n(first['p99_ms'])} ms over {first['n']} workspaces (dense "
+                            f"max {_n(w['first_dense']['max_ms'])}, small p99 "
+                            f"{_n(w['first_small']['p99_ms'])}; the same request repeated: p99 "
+                            f"{_n(w['repeat']['p99_ms'])})"
+                            + (f"; {bq['errors']} failed" if bq["errors"] else ""),
+                "pass": first["p99_ms"] <= limit and not bq["errors"]})
+    lv = results.get("live")
+    if lv and "passes" in lv:
+        health = lv["healthz"]["p50_ms"]
+        for window, p in lv["passes"].items():
+            out.append({
+                "target": f"live: 730-day {window} of the densest workspace while it ingests "
+                          f"~{lv['rate']:,.0f} logins/s, p50 ≤ 5 ms, p95 ≤ 10 ms",
+                "measured": f"p50 {_n(p['p50_ms'])}, p95 {_n(p['p95_ms'])} ms over {p['n']} "
+                            f"requests (after new data: p50 {_n(p['new_data']['p50_ms'])}, p95 "
+                            f"{_n(p['new_data']['p95_ms'])}, n {p['new_data']['n']}); /healthz "
+                            f"p50 {_n(health, 2)} ms",
+                "pass": p["p50_ms"] <= TARGET_LIVE_P50_MS and p["p95_ms"] <= TARGET_LIVE_P95_MS
+                and not p["errors"]})
+        exact = (lv.get("exact") or {}).get("passes", {})
+        hll_bad = sum(p["violations"] + p["errors"] for p in lv["passes"].values())
+        hll_n = sum(p["checks"] for p in lv["passes"].values())
+        ex_bad = sum(p["violations"] + p["errors"] for p in exact.values())
+        ex_n = sum(p["checks"] for p in exact.values())
+        out.append({
+            "target": "live answers hold every login stored when the request began (today's "
+                      f"DAU; HLL within {lv['passes']['rolling']['tolerance'] * 100:.0f} %, "
+                      "exact mode exactly)",
+            "measured": f"HLL: {hll_bad} of {hll_n} answers wrong; exact mode: {ex_bad} of "
+                        f"{ex_n}" + ("" if exact else " (the exact pass failed or did not run)"),
+            "pass": hll_bad == 0 and ex_bad == 0 and hll_n > 0 and ex_n > 0})
+        slow = lv.get("slow_commands")
+        cost = lv.get("redis_cost")
+        if slow and cost:
+            query_longest = max(c["longest_command_ms_max"] for c in cost.values())
+            longest = (f"longest {_n(slow['longest_ms'], 2)} ms `{slow['longest_command']}` "
+                       f"({slow['longest_client']})" if slow["count"] else "none")
+            out.append({
+                "target": "no Redis command over 5 ms (any client during the live passes; "
+                          "the live queries' own)",
+                "measured": f"{slow['count']} over 5 ms during the passes ({longest}); longest "
+                            f"command of a live query {_n(query_longest, 2)} ms",
+                "pass": slow["count"] == 0 and query_longest <= TARGET_COMMAND_MS})
+            worst = max(c["redis_total_ms_median"] for c in cost.values())
+            out.append({
+                "target": "a live query costs Redis ≤ 2 ms in all (SLOWLOG sum of the API's "
+                          "commands, asked after new data)",
+                "measured": ", ".join(
+                    f"{w} {_n(c['redis_total_ms_median'], 2)} ms ({c['commands_median']:.0f} "
+                    f"commands; max {_n(c['redis_total_ms_max'], 2)})" for w, c in cost.items())
+                + f", medians of {len(next(iter(cost.values()))['rounds'])}",
+                "pass": worst <= TARGET_LIVE_REDIS_MS})
+        mem = lv.get("memory")
+        if mem:
+            if not mem["stored_keys"]:
+                out.append({"target": "stored results ≤ 10 % of the memory of the sketches "
+                                      "they summarize",
+                            "measured": "n/a (no stored results)", "pass": None})
+            else:
+                named = mem["workspaces"]
+                shares = [d["share"] for d in named.values() if d["share"] is not None]
+                worst_tag = mem.get("worst") or {}
+                out.append({
+                    "target": "stored results ≤ 10 % of the memory of the sketches they "
+                              "summarize",
+                    "measured": "; ".join(
+                        f"{k} {_bytes(d['stored_bytes'])} = {_pct(d['share'])} of "
+                        f"{_bytes(d['sketch_bytes'])}" for k, d in named.items())
+                    + f" (worst tag {worst_tag.get('tag')}: {_pct(worst_tag.get('share'))})",
+                    "pass": bool(shares) and max(shares) <= TARGET_STORED_SHARE})
+    return out
+
+
+def _pct(x: float | None) -> str:
+    if x is None:
+        return "–"
+    if math.isinf(x):
+        return "∞"
+    return f"{x * 100:.1f} %"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -160,7 +272,8 @@ def markdown(results: dict[str, Any]) -> str:
         parts.append("| target | measured | verdict |\n|---|---|---|")
         parts.extend(f"| {x['target']} | {x['measured']} | {_ok(x['pass'])} |" for x in v)
         parts.append("")
-    for name in ("ingest", "http", "strategies", "redis_cost", "memory", "accuracy"):
+    for name in ("ingest", "live_ingest", "http", "strategies", "redis_cost", "memory",
+                 "live_history", "backfill_query", "live", "accuracy"):
         section = results.get(name)
         if section is None:
             continue
@@ -361,6 +474,162 @@ def _memory(s: dict[str, Any], cfg: dict[str, Any]) -> str:
     lines.append("")
     lines.append("\\* day key + week key / 7 + month key / days of the month (medians of full "
                  "periods): what one more day of a workspace costs, retention aside.")
+    return "\n".join(lines) + "\n"
+
+
+def _live_ingest(s: dict[str, Any], cfg: dict[str, Any]) -> str:
+    t = s["topic"]
+    lines = [
+        f"#### Ingestion, live shape: one consumer process, {t['messages']:,} messages "
+        f"({t['logins']:,} logins), {t['workspaces']:,} workspaces (Zipf sizes, largest "
+        f"{t['largest_workspace_members']:,} members), timestamps within the last "
+        f"{t['window_seconds']:.0f} s, {t['partitions']} partitions",
+        "",
+        "| consumer | events/s (median) | min – max | runs | vs bare |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    names = {"bare": "bare aiokafka `getmany` + orjson (baseline), same topic",
+             "hll": "`usage-metrics consume`, HLL mode"}
+    for k in ("bare", "hll"):
+        lines.append(
+            f"| {names[k]} | {_int(s['median_rate'][k])} | {_int(s['min_rate'][k])} – "
+            f"{_int(s['max_rate'][k])} | {len(s['runs'][k])} | "
+            f"{s['ratio_to_bare'][k] * 100:.0f} % |")
+    keys_ok = all(r["keys_ok"] for r in s["runs"]["hll"])
+    lines.append("")
+    lines.append(
+        f"Same machinery as the backfill shape above; each batch lands on today's keys only "
+        f"(the store must hold {t['expected_keys']:,} keys afterwards: "
+        f"{'it did' if keys_ok else 'IT DID NOT'}).")
+    return "\n".join(lines) + "\n"
+
+
+def _live_history(s: dict[str, Any], cfg: dict[str, Any]) -> str:
+    c = s["consume"]
+    return (
+        f"#### History for the live and backfill sections\n\n"
+        f"{s['workspaces']} workspaces (dense: {', '.join(f'{d:,}' for d in s['dense_dau'])} "
+        f"active users a day; {len(s['small_dau'])} small ones of 10–100), {s['days']} days "
+        f"({s['first']} .. {s['last']}), {s['messages']:,} logins produced in time order and "
+        f"read by `usage-metrics consume` (HLL) in {c['waited_s']:.1f} s "
+        f"({_int(c['rate'])} events/s from its first batch); Redis used_memory afterwards "
+        f"{_bytes(s['used_memory'])}.\n")
+
+
+def _backfill_query(s: dict[str, Any], cfg: dict[str, Any]) -> str:
+    lines = [
+        f"#### First 730-day query of each of {s['workspaces']} workspaces right after its "
+        f"history was ingested (one client, all three metrics)",
+        "",
+        "| window | n | first p50 | first p99 | first max | dense max | small p99 | "
+        "same request repeated p50 | … p99 | X-Cache of first |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for window, w in s["windows"].items():
+        f = w["first"]
+        lines.append(
+            f"| {window} | {f['n']} | {_n(f['p50_ms'])} | {_n(f['p99_ms'])} | "
+            f"{_n(f['max_ms'])} | {_n(w['first_dense']['max_ms'])} | "
+            f"{_n(w['first_small']['p99_ms'])} | {_n(w['repeat']['p50_ms'])} | "
+            f"{_n(w['repeat']['p99_ms'])} | "
+            f"{', '.join(f'{k} {v}' for k, v in w['x_cache'].items())} |")
+    lines.append("")
+    lines.append(
+        f"Milliseconds at the client. Round 1 right after the history: half of the workspaces "
+        f"(the densest among them) asked the rolling window first, the other half the "
+        f"calendar window. Then every day of every workspace got one more login "
+        f"({s['touch_messages']:,} through the consumer, lag 0 after "
+        f"{s['touch_consume']['waited_s']:.1f} s) and round 2 asked each the other window "
+        f"first. So every figure is a first answer after every day changed; the repeat is the "
+        f"same request again at once (baseline).")
+    return "\n".join(lines) + "\n"
+
+
+def _live(s: dict[str, Any], cfg: dict[str, Any]) -> str:
+    prod = s.get("producer", {})
+    lines = [
+        f"#### Live: 730-day queries of `{s['workspace']}` (about {s['dau']:,} active users a "
+        f"day for two years) while a producer sends it {_int(prod.get('rate'))} logins/s",
+        "",
+        "| window | requests | p50 | p95 | p99 | max | after new data: n | p50 | p95 | "
+        "no new data: p50 | X-Cache | consumer applied/s | checks | wrong |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for window, p in s["passes"].items():
+        lines.append(
+            f"| {window} | {p['n']} | {_n(p['p50_ms'])} | {_n(p['p95_ms'])} | "
+            f"{_n(p['p99_ms'])} | {_n(p['max_ms'])} | {p['new_data']['n']} | "
+            f"{_n(p['new_data']['p50_ms'])} | {_n(p['new_data']['p95_ms'])} | "
+            f"{_n(p['no_new_data']['p50_ms'])} | "
+            f"{', '.join(f'{k} {v}' for k, v in p['x_cache'].items())} | "
+            f"{_int(p['applied_rate'])} | {p['checks']} | {p['violations'] + p['errors']} |")
+    ex = s.get("exact") or {}
+    for window, p in ex.get("passes", {}).items():
+        lines.append(
+            f"| {window}, exact mode ({ex['history_days']}-day history) | {p['n']} | "
+            f"{_n(p['p50_ms'])} | {_n(p['p95_ms'])} | {_n(p['p99_ms'])} | {_n(p['max_ms'])} | "
+            f"{p['new_data']['n']} | {_n(p['new_data']['p50_ms'])} | "
+            f"{_n(p['new_data']['p95_ms'])} | {_n(p['no_new_data']['p50_ms'])} | "
+            f"{', '.join(f'{k} {v}' for k, v in p['x_cache'].items())} | "
+            f"{_int(p['applied_rate'])} | {p['checks']} | {p['violations'] + p['errors']} |")
+    h = s["healthz"]
+    first = s["first_after_backfill"]
+    lines.append("")
+    lines.append(
+        f"Milliseconds at the client, one client, requests back to back "
+        f"({cfg['live_seconds']:.0f} s per window). `/healthz` in the same run: p50 "
+        f"{_n(h['p50_ms'], 2)}, p95 {_n(h['p95_ms'], 2)} ms. The first rolling 730-day query "
+        f"of this workspace right after the backfill: {_n(first['ms'])} ms. *After new data*: "
+        f"the consumer had applied logins since the previous request began (read from its "
+        f"offsets), so the answer cannot be the previous one. *Checks*: the answer's today DAU "
+        f"lies between the distinct subjects of the logins the consumer had applied before "
+        f"the request and of those applied after it (HLL: within "
+        f"{s['passes']['rolling']['tolerance'] * 100:.0f} %; exact mode: exactly). The "
+        f"producer sent {prod.get('sent', 0):,} logins, {prod.get('misplaced', '?')} of them "
+        f"not at their expected offset.")
+    cost = s.get("redis_cost")
+    if cost:
+        lines.append("")
+        lines.append("| live query | Redis time in all (median) | max | commands | longest command "
+                     "| X-Cache |")
+        lines.append("|---|---:|---:|---:|---:|---|")
+        for window, c in cost.items():
+            lines.append(
+                f"| {window} | {_n(c['redis_total_ms_median'], 2)} ms | "
+                f"{_n(c['redis_total_ms_max'], 2)} ms | {c['commands_median']:.0f} | "
+                f"{_n(c['longest_command_ms_max'], 2)} ms | "
+                f"{', '.join(f'{k} {v}' for k, v in c['x_cache'].items())} |")
+        slow = s["slow_commands"]
+        lines.append("")
+        lines.append(
+            f"SLOWLOG with `slowlog-log-slower-than 0` around single live queries, each asked "
+            f"once the consumer had applied new logins; the API's own connections only (the "
+            f"consumer's writes and a script's inner commands are not counted; the script is). "
+            f"During the latency passes, with the threshold at 5 ms, {slow['count']} commands "
+            f"of any client ran longer"
+            + (f" (by client: {', '.join(f'{k} {v}' for k, v in slow['by_client'].items())}; "
+               f"longest {_n(slow['longest_ms'], 2)} ms, "
+               f"`{slow['longest_command']}`)" if slow["count"] else "") + ".")
+    mem = s.get("memory")
+    if mem:
+        lines.append("")
+        lines.append("| workspace | sketch keys | their memory | stored-result keys | their "
+                     "memory | share |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for name, d in mem["workspaces"].items():
+            lines.append(
+                f"| {name} (`{mem['names'][name]}`) | {d['sketch_keys']:,} | "
+                f"{_bytes(d['sketch_bytes'])} | {d['stored_keys']:,} | "
+                f"{_bytes(d['stored_bytes'])} | "
+                f"{_pct(d['share']) if d['stored_keys'] else 'n/a'} |")
+        lines.append("")
+        lines.append(
+            "`MEMORY USAGE … SAMPLES 0` after the queries were served; stored results = the "
+            "hash tag's `hll:stamps`, `hll:seq` and `hll:result:*` keys, sketches = its "
+            "`hll:<period letter>:<label>` keys"
+            + (f"; {mem['tags_with_stored']} tags hold stored results, the costliest "
+               f"{mem['worst']['tag']} at {_pct(mem['worst']['share'])}." if mem["worst"]
+               else "; no key holds stored results (this code has none)."))
     return "\n".join(lines) + "\n"
 
 

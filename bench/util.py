@@ -148,3 +148,25 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "packages": versions,
     }
+
+
+def tcp_ports(pid: int) -> set[int]:
+    """Local TCP ports of one process's sockets (from ``/proc``): how Redis's ``SLOWLOG`` and
+    ``CLIENT LIST``, which name clients by address, tell that process's commands from others'."""
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}",
+                                                encoding="ascii") as f:
+            next(f, None)
+            for line in f:
+                cols = line.split()
+                if len(cols) > 9 and cols[9] in inodes:
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
