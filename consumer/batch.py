@@ -104,25 +104,37 @@ def bucket(
     an org's own sketches alone (from every workspace of the org)."""
     out = Prepared(dead=parsed.dead, filtered=parsed.filtered, next_offsets=parsed.next_offsets)
     per_day: defaultdict[tuple[Workspace, date], set[str]] = defaultdict(set)
+    # What each workspace of the batch needs, looked up once per workspace, not per login.
+    plans: dict[Workspace, tuple[Workspace, Resolved, tzinfo, bool, bool] | None] = {}
+    excluded = counted = 0
     for login in parsed.logins:
         ws = login.workspace
-        org = ws.org
-        if only is not None and only != ws and only != org:
+        try:
+            plan = plans[ws]
+        except KeyError:
+            org = ws.org
+            mine, theirs = only is None or only == ws, only is None or only == org
+            plan = plans[ws] = (
+                (org, configs[ws], configs[org].tz, mine, theirs) if mine or theirs else None
+            )
+        if plan is None:
             continue
-        config = configs[ws]
-        if config.excluded is not None and config.is_excluded(login.subject):
-            out.excluded += 1
+        org, config, org_tz, mine, theirs = plan
+        subject = login.subject
+        if config.excluded is not None and config.is_excluded(subject):
+            excluded += 1
             continue
-        out.logins += 1
+        counted += 1
         moment = login.moment
         day = _local_date(moment, config.tz)
-        if only is None or only == ws:
-            per_day[(ws, day)].add(login.subject)
-        if only is None or only == org:
-            org_tz = configs[org].tz
+        if mine:
+            per_day[(ws, day)].add(subject)
+        if theirs:
             per_day[(org, day if org_tz is config.tz else _local_date(moment, org_tz))].add(
-                login.subject
+                subject
             )
+    out.excluded = excluded
+    out.logins = counted
 
     sketches: defaultdict[tuple[Workspace, Period], set[str]] = defaultdict(set)
     for (scope, d), subjects in per_day.items():

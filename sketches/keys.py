@@ -77,6 +77,13 @@ def _hash_tag(org_id: str, workspace_id: str) -> str:
     return "{" + encode_id(org_id) + ":" + encode_id(workspace_id) + "}"
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def _sketch_key(prefix: str, kind: str, ws: Workspace, period: Period) -> str:
+    # Cached: a batch builds tens of thousands of keys, mostly the same as the batch before.
+    tag = _hash_tag(ws.org_id, ws.workspace_id)
+    return f"{prefix}:{tag}:{kind}:{period.granularity.value}:{period.label}"
+
+
 @dataclass(frozen=True, slots=True)
 class KeySpace:
     prefix: str
@@ -94,7 +101,7 @@ class KeySpace:
         return "hll" if self.mode == "hll" else "set"
 
     def sketch(self, ws: Workspace, period: Period) -> str:
-        return f"{self.workspace_prefix(ws)}{self.kind}:{period.granularity.value}:{period.label}"
+        return _sketch_key(self.prefix, self.kind, ws, period)
 
     def seq(self, ws: Workspace) -> str:
         """A counter the write path increments once per batch that touches the scope; its value

@@ -13,10 +13,9 @@ day (``S2026-11-29``) under its own granularity letter, so the two kinds never s
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, NamedTuple
 
 ONE_DAY = timedelta(days=1)
 
@@ -39,9 +38,11 @@ def week_granularity(week_start: WeekStart) -> Granularity:
     return Granularity.SUNDAY_WEEK if week_start == "sunday" else Granularity.WEEK
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Period:
-    """A closed range of days named by its granularity and first day."""
+class Period(NamedTuple):
+    """A closed range of days named by its granularity and first day.
+
+    A named tuple rather than a frozen dataclass: the consumer hashes one per sketch key of a
+    batch (tens of thousands), and a tuple's hash and equality run in C."""
 
     granularity: Granularity
     start: date

@@ -251,13 +251,15 @@ class SketchStore(abc.ABC):
         grouped = group_by_scope(batch)
         token = new_token()
         now = time_module.time()
-        commands = [
-            script_call(
-                WRITE_SHA, self.keys, scope, write, retention_days=self.retention_days, now=now,
-                token=token, command=self._add_verb,
-            )[0]
-            for scope, write in grouped.items()
-        ]
+        scopes: list[Workspace] = []
+        commands: list[tuple[Any, ...]] = []
+        for scope, write in grouped.items():
+            for part in write.parts():
+                scopes.append(scope)
+                commands.append(script_call(
+                    WRITE_SHA, self.keys, scope, part, retention_days=self.retention_days,
+                    now=now, token=token, command=self._add_verb,
+                )[0])
         try:
             results = await self._write(commands, after)
         except ScriptMissing:
@@ -266,7 +268,7 @@ class SketchStore(abc.ABC):
             await self._load_write_script()
             results = await self._write(commands, after)
         failed: list[CorruptSketch] = []
-        for scope, res in zip(grouped, results, strict=False):
+        for scope, res in zip(scopes, results, strict=False):
             if isinstance(res, BaseException):
                 failed.append(CorruptSketch(self.keys.workspace_prefix(scope), str(res)))
             else:

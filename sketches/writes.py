@@ -40,6 +40,8 @@ write to the scope, longer than any sketch the batch wrote.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import uuid
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +55,9 @@ STAMP_RING = 1024
 """Slots of the change-stamp ring: more days than any stored result spans by default."""
 META_SLACK_DAYS = 62
 """``seq``/``stamps``/``version`` outlive the scope's last write by retention plus this."""
+MEMBERS_PER_CALL = 8000
+"""A scope's share of a batch is split into script calls of at most this many members: ~1-2 ms
+of Redis time each, so a large batch never holds Redis for long (a stamp per call is cheap)."""
 UNPACK_CHUNK = 4000
 """Members per ``PFADD`` inside the script: Lua's ``unpack`` is limited to ~8,000 values."""
 
@@ -108,8 +113,10 @@ def stamp_slot(day: date) -> int:
     return day.toordinal() % STAMP_RING
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def expire_at(period: Period, retention_days: int) -> int:
-    """Epoch seconds at which a period's key may go: retention after the period's last day."""
+    """Epoch seconds at which a period's key may go: retention after the period's last day.
+    Cached: a backfill batch asks it for tens of thousands of keys of a few hundred periods."""
     deadline = datetime.combine(period.end + timedelta(days=retention_days + 1), time(), UTC)
     return int(deadline.timestamp())
 
@@ -121,6 +128,24 @@ class ScopeWrite:
     sketches: dict[Period, Collection[str]] = field(default_factory=dict)
     days: set[date] = field(default_factory=set)
 
+    def parts(self, limit: int = MEMBERS_PER_CALL) -> Iterable[ScopeWrite]:
+        """The write cut into pieces of at most ``limit`` members (a key's members too, when
+        one key has more), each stamping every day of the whole write: each piece is a complete
+        change, and adding members in several calls is the same as in one."""
+        part = ScopeWrite(days=self.days)
+        size = 0
+        for period, members in self.sketches.items():
+            items = members if len(members) <= limit else list(members)
+            for lo in range(0, len(items), limit):
+                chunk = items if len(items) <= limit else items[lo : lo + limit]  # type: ignore[index]
+                if size and size + len(chunk) > limit:
+                    yield part
+                    part, size = ScopeWrite(days=self.days), 0
+                part.sketches[period] = chunk
+                size += len(chunk)
+        if part.sketches:
+            yield part
+
 
 def group_by_scope(
     batch: Mapping[tuple[Workspace, Period], Collection[str]],
@@ -129,6 +154,7 @@ def group_by_scope(
     written without any of its days (not something the consumer does) its first day, so that its
     calendar count is still recomputed."""
     out: dict[Workspace, ScopeWrite] = {}
+    day = Granularity.DAY
     for (scope, period), members in batch.items():
         if not members:
             continue
@@ -136,13 +162,15 @@ def group_by_scope(
         if write is None:
             write = out[scope] = ScopeWrite()
         write.sketches[period] = members
-        if period.granularity is Granularity.DAY:
+        if period.granularity is day:
             write.days.add(period.start)
     for write in out.values():
+        days = sorted(write.days)
         for period in write.sketches:
-            if period.granularity is not Granularity.DAY and not any(
-                period.start <= d <= period.end for d in write.days
-            ):
+            if period.granularity is day:
+                continue
+            at = bisect.bisect_left(days, period.start)
+            if at == len(days) or days[at] > period.end:
                 write.days.add(period.start)
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from datetime import date, timedelta
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,7 +17,7 @@ from sketches.keys import Workspace
 from sketches.periods import day_of, month_of, periods_holding, utc_today, week_of
 from sketches.query import Metric, Window, usage
 from sketches.store import SketchStore
-from sketches.writes import expire_at
+from sketches.writes import MEMBERS_PER_CALL, expire_at
 from tests.support.compare import assert_rows_match, rows_as_dicts
 from tests.support.oracle import Oracle
 
@@ -204,3 +205,17 @@ async def test_a_key_whose_deadline_has_passed_is_not_written(
     key = store.keys.sketch(WS, day_of(d))
     assert await store.add({(WS, day_of(d)): {"late"}}) == []
     assert await redis_client.exists(key) == 0
+
+
+async def test_a_write_larger_than_one_script_call_is_split_and_counts_every_member(
+    store: SketchStore, settings: Any
+) -> None:
+    d = utc_today()
+    members = {f"m{i}" for i in range(3 * MEMBERS_PER_CALL + 17)}
+    assert await store.add({(WS, p): members for p in periods_holding(d)}) == []
+    counts = await store.counts(WS, list(periods_holding(d)))
+    for n in counts:
+        if settings.sketch_mode == "exact":
+            assert n == len(members)
+        else:
+            assert abs(n - len(members)) <= 0.03 * len(members)

@@ -44,8 +44,11 @@ class Settings(BaseSettings):
     jwt_leeway_seconds: int = Field(default=30, ge=0, le=600)
 
     # Consumer tuning. A batch is one getmany() call: one Redis pipeline and one commit.
-    consumer_max_batch: int = Field(default=20_000, ge=1)
+    consumer_max_batch: int = Field(default=100_000, ge=1)
     consumer_fetch_timeout_ms: int = Field(default=500, ge=1)
+    # A batch gathers what arrives within this window after its first fetch (up to
+    # CONSUMER_MAX_BATCH): larger batches share sketch keys between more logins.
+    consumer_batch_window_ms: int = Field(default=250, ge=0)
     # A value larger than this is dead-lettered unread: a login event is a few hundred bytes.
     max_message_bytes: int = Field(default=65_536, ge=256)
     # Redis write retries back off from 0.1 s up to this many seconds between attempts.

@@ -23,8 +23,13 @@ class HiredisPackConnection(Connection):
             args = (*first.encode().split(), *args[1:])
         elif b" " in first:
             args = (*first.split(), *args[1:])
-        # hiredis's stub types the argument as a 1-tuple; it takes any length.
-        packed: bytes = hiredis.pack_command(
-            cast(Any, tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args))
-        )
+        # hiredis's stub types the argument as a 1-tuple; it takes any length. It refuses
+        # bytearray and memoryview, which redis-py accepts: those (rare here) are copied to
+        # bytes and packed again, rather than checking every argument of every command.
+        try:
+            packed: bytes = hiredis.pack_command(cast(Any, args))
+        except TypeError:
+            packed = hiredis.pack_command(cast(Any, tuple(
+                bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args
+            )))
         return [packed]

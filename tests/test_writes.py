@@ -1,0 +1,61 @@
+"""The write path's pure parts (``sketches.writes``): grouping a batch per scope, the days it
+stamps, and cutting a large write into bounded script calls."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sketches.keys import KeySpace, Workspace
+from sketches.periods import day_of, month_of, periods_holding, week_of
+from sketches.writes import ScopeWrite, group_by_scope, script_call
+
+WS = Workspace("acme", "ws")
+D = date(2026, 11, 24)
+
+
+def test_each_scope_stamps_the_days_it_writes_and_the_first_day_of_a_lone_week_or_month() -> None:
+    grouped = group_by_scope({
+        (WS, day_of(D)): {"a"}, (WS, week_of(D)): {"a"}, (WS, month_of(D)): {"a"},
+        (WS.org, week_of(D - timedelta(days=14))): {"b"},  # no day of that week written
+        (WS.org, day_of(D)): set(),  # nothing to add: not written at all
+    })
+    assert grouped[WS].days == {D}
+    assert grouped[WS.org].days == {week_of(D - timedelta(days=14)).start}
+    assert day_of(D) not in grouped[WS.org].sketches
+
+
+@given(
+    sizes=st.lists(st.integers(1, 60), min_size=1, max_size=12),
+    limit=st.integers(1, 50),
+)
+def test_parts_carry_every_member_once_within_the_limit_and_stamp_every_day(
+    sizes: list[int], limit: int
+) -> None:
+    write = ScopeWrite(days={D, D - timedelta(days=1)})
+    for i, n in enumerate(sizes):
+        write.sketches[day_of(D - timedelta(days=i))] = {f"m{i}-{k}" for k in range(n)}
+    seen: dict[object, list[str]] = {}
+    for part in write.parts(limit):
+        assert part.days == write.days
+        assert sum(len(m) for m in part.sketches.values()) <= limit
+        for period, members in part.sketches.items():
+            seen.setdefault(period, []).extend(members)
+    assert {p: sorted(m) for p, m in seen.items()} == {
+        p: sorted(m) for p, m in write.sketches.items()
+    }
+
+
+def test_a_key_past_its_deadline_is_left_out_of_the_script_call() -> None:
+    keys = KeySpace("um", "hll")
+    old = D - timedelta(days=900)
+    write = group_by_scope({(WS, p): {"a"} for p in (*periods_holding(D), day_of(old))})[WS]
+    now = 1_800_000_000.0  # 2027-01-15: the 900-day-old day is past an 800-day retention
+    call, written = script_call("sha", keys, WS, write, retention_days=800, now=now,
+                                token="t", command="PFADD")
+    assert keys.sketch(WS, day_of(old)) not in written
+    assert written == [keys.sketch(WS, p) for p in periods_holding(D)]
+    assert call[0] == "EVALSHA"
+    assert call[2] == 3 + len(written)  # seq, stamps, version, then the sketch keys
