@@ -810,34 +810,41 @@ def _k_touched(buf: _U8, starts: _I64, lengths: _I64, mark: _U8) -> bool:
 
 
 @_jit
+def _k_copy(src: _U8, dst: _U8) -> None:
+    """``dst[:len(src)] = src``, as a loop: numba's slice assignment takes seconds to compile."""
+    for j in range(src.shape[0]):
+        dst[j] = src[j]
+
+
+@_jit
 def _k_roll_step(
-    ring: _U8, i: int, skip: int, w: int, g: _U8, back: _U8, cur: _U8, lanes: _I64,
-    hist: _I64, sigma: _F64, tau: _F64, out: _I64,
+    ring: _U8, i: int, skip: int, w: int, g: _U8, back: _U8, first: int, cur: _U8,
+    lanes: _I64, hist: _I64, sigma: _F64, tau: _F64, out: _I64,
 ) -> None:
     """Row i of one width's rolling union (block length `w`), from the ring of recent rows.
 
     The van Herk/Gil-Werman scheme of :func:`rolling_max`, one row at a time: `g` is the
-    running maximum since the start of row i's block of `w` rows, and ``back[t]`` the maximum of
-    rows t .. w-1 of the previous block, built when a block starts. A window that does not start
-    a block spans the two, so its union is ``max(back[start], g)``: three maxima per register
-    whatever the width, each a loop over one row that the compiler turns into vector
-    instructions. The union is then histogrammed and counted while it is still in cache, so no
-    union of all rows is ever stored."""
+    running maximum since the start of row i's block of `w` rows, and ``back[first + t]`` the
+    maximum of rows t .. w-1 of the previous block, built when a block starts. A window that
+    does not start a block spans the two, so its union is ``max(back[first + start], g)``:
+    three maxima per register whatever the width, each a loop over one row that the compiler
+    turns into vector instructions. The union is then histogrammed and counted while it is
+    still in cache, so no union of all rows is ever stored."""
     slots = ring.shape[0]
     block = i - i % w
     if i == block and w > 1 and i >= w and i + w - 2 >= skip:
-        back[w - 1, :] = ring[(i - 1) % slots]
+        _k_copy(ring[(i - 1) % slots], back[first + w - 1])
         for t in range(w - 2, 0, -1):
             src = ring[(i - w + t) % slots]
-            above = back[t + 1]
-            dst = back[t]
+            above = back[first + t + 1]
+            dst = back[first + t]
             for j in range(dst.shape[0]):
                 dst[j] = max(above[j], src[j])
     if i < skip - skip % w:  # g is first needed from the start of row skip's block
         return
     row = ring[i % slots]
     if i == block:
-        g[:] = row
+        _k_copy(row, g)
     else:
         for j in range(g.shape[0]):
             g[j] = max(g[j], row[j])
@@ -847,7 +854,7 @@ def _k_roll_step(
     if i < w or start == block:  # the window lies in this block (or is cut off at row 0)
         _k_histogram(g, lanes, hist)
     else:
-        before = back[start - block + w]
+        before = back[first + start - block + w]
         for j in range(cur.shape[0]):
             cur[j] = max(before[j], g[j])
         _k_histogram(cur, lanes, hist)
@@ -885,8 +892,7 @@ def _k_rolling_values(
         for x in range(blocks.size):
             w = blocks[x]
             _k_roll_step(
-                ring, i, skip, w, g[x], back[first : first + w], cur, lanes, hist,
-                sigma, tau, rolling[x],
+                ring, i, skip, w, g[x], back, first, cur, lanes, hist, sigma, tau, rolling[x]
             )
             first += w
 
@@ -897,7 +903,7 @@ def _k_rolling_registers(
 ) -> None:
     """:func:`rolling_estimates`: :func:`_k_rolling_values` with decoded rows, which are copied
     into the ring (a row of it is padded to whole words)."""
-    n, width = regs.shape
+    n = regs.shape[0]
     slots = max(1, blocks.max()) if blocks.size else 1
     ring = np.zeros((slots, columns), dtype=np.uint8)
     g = np.zeros((blocks.size, columns), dtype=np.uint8)
@@ -906,14 +912,11 @@ def _k_rolling_registers(
     lanes = np.zeros(8 * _BINS, dtype=np.int64)
     hist = np.zeros(_BINS, dtype=np.int64)
     for i in range(n):
-        ring[i % slots, :width] = regs[i]
+        _k_copy(regs[i], ring[i % slots])
         first = 0
         for x in range(blocks.size):
             w = blocks[x]
-            _k_roll_step(
-                ring, i, skip, w, g[x], back[first : first + w], cur, lanes, hist,
-                sigma, tau, out[x],
-            )
+            _k_roll_step(ring, i, skip, w, g[x], back, first, cur, lanes, hist, sigma, tau, out[x])
             first += w
 
 
