@@ -9,10 +9,17 @@ sparse opcodes, corrupt values.
 from __future__ import annotations
 
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import cast
+from pathlib import Path
+from typing import Any, cast
 
+import numba
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -259,6 +266,7 @@ def test_sigma_and_tau_tables_match_the_scalar_series() -> None:
 def test_rounding_is_llroundl(v: float, rounded: int) -> None:
     assert hll._llround(v) == rounded
     assert hll._llround_many(np.array([v]))[0] == rounded
+    assert hll._k_llround(v) == rounded
 
 
 @pytest.mark.parametrize(
@@ -281,8 +289,23 @@ def test_rounding_is_llroundl(v: float, rounded: int) -> None:
 def test_malformed_values_are_refused(value: bytes, message: str) -> None:
     with pytest.raises(HllFormatError, match=message):
         decode(value)
-    with pytest.raises(HllFormatError, match=f"value 1: .*{message}"):
-        decode_many([ABC_VALUE, value, None])
+    dense = encode_dense(np.ones(M, np.uint8))
+    # every value sparse (the kernel keeps only touched columns) and with a dense one (all columns)
+    for batch in ([ABC_VALUE, value, None], [dense, value, None]):
+        for decoder in (decode_many, hll._numpy_decode_many):
+            with pytest.raises(HllFormatError, match=f"value 1: .*{message}"):
+                decoder(batch)
+        for skip in (0, 3):  # also when the value's own day is not reported
+            with pytest.raises(HllFormatError, match=f"value 1: .*{message}"):
+                hll.rolling_from_values(batch, (2,), skip)
+
+
+def test_values_that_are_not_bytes_are_refused() -> None:
+    for values in (["HYLL"], [ABC_VALUE, 12]):
+        with pytest.raises(TypeError, match="expected bytes"):
+            decode_many(values)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="expected bytes"):
+            hll.rolling_from_values(values, (7,), 0)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -332,6 +355,14 @@ def test_wrong_register_arrays_are_refused() -> None:
         estimate(np.zeros(M))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="width"):
         hll.rolling_max(np.zeros((3, 4), np.uint8), 0)
+    with pytest.raises(ValueError, match="width"):
+        hll.rolling_estimates(np.zeros((3, M), np.uint8), (7, 0), 0)
+    with pytest.raises(ValueError, match="width"):
+        hll.rolling_from_values([None], (0,), 0)
+    with pytest.raises(ValueError, match="skip"):
+        hll.rolling_from_values([None], (1,), -1)
+    with pytest.raises(ValueError, match=r"0\.\.63"):
+        hll.rolling_estimates(np.full((2, M), 64, np.uint8), (1,), 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,6 +418,31 @@ def test_union_matches_multi_key_pfcount_and_pfmerge(
     merged = key("merged")
     r.pfmerge(merged, *names)
     np.testing.assert_array_equal(decode(get(r, merged)), union)
+
+
+def test_rolling_from_values_matches_pfcount_of_each_window(
+    r: redis.Redis, key: Callable[[str], str]
+) -> None:
+    """The values as the service reads them (``MGET`` of day keys, some never written), and
+    every figure against Redis: each day's ``PFCOUNT`` and each window's multi-key ``PFCOUNT``."""
+    sizes = [30, 0, 2500, 40, 9000, -1, 700, 5, -1, 3000, 60]  # -1: the key is never written
+    names = [key(f"day{i}") for i in range(len(sizes))]
+    for i, (name, size) in enumerate(zip(names, sizes, strict=True)):
+        if size >= 0:  # a pool of users, each day a different slice of it
+            pfadd_all(r, name, [f"u{j % 4000}".encode() for j in range(i * 350, i * 350 + size)])
+    values = mget(r, names)
+    assert {v[4] for v in values if v is not None} == {0, 1}  # dense and sparse
+    for batch in (values, [v if v is None or v[4] == 1 else None for v in values]):
+        for skip in (0, 4):
+            dau, rolling = hll.rolling_from_values(batch, (1, 3, 7, 30), skip)
+            present = [n if v is not None else None for n, v in zip(names, batch, strict=True)]
+            assert dau.tolist() == [r.pfcount(n) if n else 0 for n in present[skip:]]
+            for width, got in rolling.items():
+                windows = [
+                    [n for n in present[max(0, i - width + 1) : i + 1] if n]
+                    for i in range(skip, len(names))
+                ]
+                assert got.tolist() == [r.pfcount(*w) if w else 0 for w in windows], width
 
 
 @RedisHypothesis
@@ -531,3 +587,229 @@ def test_rolling_estimates_equal_estimating_each_naive_union(
     for w in widths:
         want = [hll.estimate(rows[max(0, i - w + 1) : i + 1].max(axis=0)) for i in range(skip, n)]
         assert got[w].tolist() == want
+
+
+# ------------------------------------------------------------------------------------------------
+# The compiled kernel against the numpy reference, and its compilation
+# ------------------------------------------------------------------------------------------------
+
+# A valid sparse value that touches every register (4,096 VAL opcodes): with it, every value of a
+# batch can be sparse and yet the kernel must keep all columns.
+ALL_ONES_SPARSE = SPARSE_HEADER + val_opcode(1, 4) * (M // 4)
+_DENSE_KINDS = ("simulated", "crafted", "all-51")
+
+
+@st.composite
+def day_batches(draw: st.DrawFn) -> list[bytes | None]:
+    """``MGET`` results as the kernel meets them: missing keys, any valid sparse value, and dense
+    values of any cardinality, crafted ones with registers up to 63 (which Redis ignores) and
+    all-51 ones (Redis's overflow answer). Half the batches have no dense value, which makes the
+    kernel keep only the registers the values touch."""
+    pool = draw(st.lists(sparse_values(), min_size=1, max_size=3))
+    sparse_only = draw(st.booleans())
+    kinds = draw(
+        st.lists(st.sampled_from(["missing", "sparse", "all-ones", *_DENSE_KINDS]), max_size=40)
+    )
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    batch: list[bytes | None] = []
+    for kind in kinds:
+        if kind == "missing":
+            batch.append(None)
+        elif kind == "sparse" or (sparse_only and kind in _DENSE_KINDS):
+            batch.append(pool[int(rng.integers(len(pool)))][0])
+        elif kind == "all-ones":
+            batch.append(ALL_ONES_SPARSE)
+        elif kind == "simulated":
+            batch.append(encode_dense(simulated_registers(rng, 2.0 ** rng.uniform(0, 60))))
+        elif kind == "crafted":
+            batch.append(encode_dense(rng.integers(0, 64, M).astype(np.uint8)))
+        else:
+            batch.append(encode_dense(np.full(M, 51, np.uint8)))
+    return batch
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=day_batches(),
+    widths=st.lists(st.integers(1, 45), min_size=1, max_size=3),
+    skip=st.integers(0, 45),
+)
+def test_kernel_equals_the_numpy_reference(
+    batch: list[bytes | None], widths: list[int], skip: int
+) -> None:
+    """Every compiled entry point against the numpy implementation it replaced, which the tests
+    above hold to Redis. Windows longer than the batch, skips past its end and every layout of
+    the kernel (touched registers only, all registers) are all drawn."""
+    regs = hll._numpy_decode_many(batch)
+    np.testing.assert_array_equal(decode_many(batch), regs)
+    assert estimate_many(regs).tolist() == hll._numpy_estimate_many(regs).tolist()
+    want = hll._numpy_rolling_estimates(regs, widths, skip)
+    from_registers = hll.rolling_estimates(regs, widths, skip)
+    dau, from_values = hll.rolling_from_values(batch, widths, skip)
+    assert dau.tolist() == hll._numpy_estimate_many(regs[skip:]).tolist()
+    assert sorted(from_values) == sorted(from_registers) == sorted(set(widths))
+    for w in widths:
+        assert from_values[w].tolist() == want[w].tolist(), w
+        assert from_registers[w].tolist() == want[w].tolist(), w
+
+
+def test_the_compiled_estimator_rounds_every_operation_separately() -> None:
+    """Matching Redis bit for bit needs each double operation rounded on its own: a fused
+    multiply-add (one rounding for ``a * b + c``) would move some estimates by one. The
+    estimator compiled with the kernels' options must contain none. (Code loaded from numba's
+    cache cannot be inspected, so it is compiled afresh here.)"""
+    fresh = numba.njit(**hll._JIT_OPTIONS)(cast("Any", hll._k_count).py_func)
+    hist = np.zeros(64, np.int64)
+    hist[0], hist[1], hist[2] = M - 3, 2, 1
+    assert fresh(hist, hll._sigma_table(), hll._tau_table()) == 3
+    (asm,) = fresh.inspect_asm().values()
+    assert "mulsd" in asm or "fmul" in asm  # the instructions are there to be seen
+    assert not re.search(r"\b(vfn?m(add|sub)|fn?m(add|sub)|fml[as])", asm)
+
+
+def test_every_width_and_skip_of_a_short_series() -> None:
+    """Every block boundary, window cut off at row 0 and first reported row: each (width, skip)
+    pair over 24 rows, through both entry points, alone and beside a second width."""
+    rng = np.random.default_rng(11)
+    rows = np.zeros((24, M), np.uint8)
+    rows[:, rng.choice(M, 40, replace=False)] = rng.integers(0, 33, (24, 40))
+    rows[[3, 17]] = 0
+    values = [SPARSE_HEADER + b"".join(sparse_opcodes(row)) for row in rows]
+    for width in range(1, 27):
+        for skip in range(26):
+            for widths in ([width], [5, width]):
+                want = hll._numpy_rolling_estimates(rows, widths, skip)
+                got = hll.rolling_estimates(rows, widths, skip)
+                _, from_values = hll.rolling_from_values(values, widths, skip)
+                for w in widths:
+                    assert got[w].tolist() == want[w].tolist(), (w, skip)
+                    assert from_values[w].tolist() == want[w].tolist(), (w, skip)
+
+
+def test_rolling_from_values_of_a_full_recompute_equals_the_reference() -> None:
+    """The shape the service asks for: 760 days, dense and sparse weeks, a gap, widths 7 and 30,
+    the first 29 days only feeding the windows."""
+    rng = np.random.default_rng(2024)
+    batch: list[bytes | None] = []
+    for day in range(760):
+        if day % 97 == 5:
+            batch.append(None)
+        elif (day // 7) % 3 == 0:
+            regs = np.minimum(simulated_registers(rng, 50), 32)
+            batch.append(SPARSE_HEADER + b"".join(sparse_opcodes(regs)))
+        else:
+            batch.append(encode_dense(simulated_registers(rng, 2.0 ** rng.uniform(11, 20))))
+    regs = hll._numpy_decode_many(batch)
+    dau, rolling = hll.rolling_from_values(batch, (7, 30), 29)
+    want = hll._numpy_rolling_estimates(regs, (7, 30), 29)
+    assert dau.tolist() == hll._numpy_estimate_many(regs[29:]).tolist()
+    assert rolling[7].tolist() == want[7].tolist()
+    assert rolling[30].tolist() == want[30].tolist()
+    assert len(dau) == len(rolling[7]) == len(rolling[30]) == 731
+
+
+def sparse_opcodes(registers: npt.NDArray[np.uint8]) -> Iterator[bytes]:
+    """The opcodes PFADD would write for these registers (values up to 32)."""
+    i = 0
+    while i < M:
+        value = int(registers[i])
+        j = i + 1
+        while j < M and registers[j] == value and j - i < (4 if value else M):
+            j += 1
+        yield val_opcode(value, j - i) if value else zero_opcode(j - i, j - i > 64)
+        i = j
+
+
+def python(code: str, env: dict[str, str], cwd: Path | None = None) -> str:
+    """Run `code` in a fresh interpreter (nothing compiled, nothing loaded) and return its
+    output."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True,
+        timeout=170, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_warm_up_compiles_every_kernel_the_public_functions_call() -> None:
+    """After warm_up, no input the public functions accept compiles anything more: a kernel
+    compiled for a new argument type would cost seconds in the middle of a request."""
+    code = """
+import numpy as np
+from sketches import hll
+M = hll.M
+hll.warm_up()
+def signatures():
+    return {n: list(getattr(hll, n).signatures) for n in dir(hll) if n.startswith("_k_")}
+before = signatures()
+called_from_python = ["_k_decode_many", "_k_estimate_rows", "_k_rolling_registers",
+                      "_k_rolling_values", "_k_touched"]  # the others, from these kernels only
+assert all(before[n] for n in called_from_python), before
+abc = bytes.fromhex("48594c4c01000000000000000000008060f38050b1844bfb80425a")
+dense = b"HYLL" + bytes(hll.DENSE_SIZE - 4)
+regs = hll.decode_many([abc, dense, None, bytearray(abc), memoryview(dense)])
+hll.decode_many([])
+for rows in (regs, regs.astype(np.int64), regs[:, ::-1], np.asfortranarray(regs), regs[::2]):
+    frozen = rows.copy()
+    frozen.flags.writeable = False
+    for r in (rows, frozen):
+        hll.estimate_many(r)
+        hll.rolling_estimates(r, [7, 30], 2)
+        hll.rolling_estimates(r, (1,), 9)
+for values in ([abc] * 40, [dense, None, abc], [None], [], (abc, bytearray(abc))):
+    hll.rolling_from_values(values, (7, 30), 29)
+    hll.rolling_from_values(values, [3], 0)
+    hll.rolling_from_values(values, (), 0)
+assert signatures() == before, "compiled after warm_up"
+print("ok")
+"""
+    assert python(code, dict(os.environ)).strip() == "ok"
+
+
+def test_kernels_are_cached_where_numba_cache_dir_points(tmp_path: Path) -> None:
+    """A second process loads the compiled kernel from the cache instead of compiling it."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    code = """
+import numpy as np
+from sketches import hll
+h = np.zeros(64, np.int64)
+h[0], h[1], h[2] = hll.M - 3, 2, 1  # the notes' test vector
+assert hll._k_count(h, hll._sigma_table(), hll._tau_table()) == 3
+stats = hll._k_count.stats
+print(stats.cache_path, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+"""
+    first = python(code, env).split()
+    assert first[0].startswith(str(tmp_path))
+    assert first[1:] == ["0", "1"]  # compiled, and written to the cache
+    assert any(tmp_path.rglob("hll._k_count-*.nbi"))
+    second = python(code, env).split()
+    assert second[1:] == ["1", "0"]  # loaded
+
+
+def test_kernels_still_run_when_no_cache_directory_is_writable(tmp_path: Path) -> None:
+    """Neither the package's ``__pycache__`` nor the user's cache directory can be created (a
+    file stands where each should be), and NUMBA_CACHE_DIR is unset: the module still imports
+    and its kernels compile in memory, as the module's docstring promises."""
+    package = tmp_path / "sketches"
+    package.mkdir()
+    source = Path(hll.__file__).parent
+    for name in ("__init__.py", "hll.py"):
+        shutil.copy(source / name, package / name)
+    (package / "__pycache__").write_text("not a directory")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env |= {"PYTHONPATH": str(tmp_path), "XDG_CACHE_HOME": str(blocker / "cache")}
+    env |= {"HOME": str(blocker), "PYTHONDONTWRITEBYTECODE": "1"}
+    code = """
+import numpy as np
+from sketches import hll
+h = np.zeros(64, np.int64)
+h[0], h[1], h[2] = hll.M - 3, 2, 1
+print(hll.__file__, type(hll._k_count._cache).__name__,
+      hll._k_count(h, hll._sigma_table(), hll._tau_table()))
+"""
+    where, cache, count = python(code, env, cwd=tmp_path).split()
+    assert where == str(package / "hll.py")
+    assert cache == "NullCache"
+    assert count == "3"
