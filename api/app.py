@@ -8,6 +8,7 @@ workspace's problem and not the stack.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api import dashboard, observability, ratelimit, settings_routes
 from api.auth import Forbidden, TokenVerifier, Unauthenticated
 from api.routes import router
+from sketches import hll
 from sketches.errors import CorruptSketch, StoreUnavailable
 from sketches.store import SketchStore
 from usage_metrics.config import Settings
@@ -60,12 +62,16 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Compile (or load from numba's cache) the HLL kernel in the background: the first
+        # rolling query must not pay seconds for it, and readiness must not wait for it.
+        warm = asyncio.create_task(asyncio.to_thread(hll.warm_up))
         async with AsyncExitStack() as stack:
             if store is None:
                 app.state.store = await stack.enter_async_context(open_store(settings))
             else:
                 app.state.store = store
             yield
+        await warm
 
     app = FastAPI(
         title="usage-metrics",

@@ -469,33 +469,38 @@ class Answers:
     ) -> None:
         first = stored.first
         store = self.store
-        if Column.DAU in todo:
-            idx = todo[Column.DAU]
-            days = [day_of(first + timedelta(days=int(i))) for i in idx]
-            stored.values[Column.DAU, idx] = await store.counts(scope, days)
-        for column, of in ((Column.WEEK, None), (Column.MONTH, month_of)):
-            if column not in todo:
-                continue
-            idx = todo[column]
-            periods: dict[Period, list[int]] = {}
-            for i in idx.tolist():
-                d = first + timedelta(days=i)
-                p = of(d) if of is not None else week_starting(config.week_start, d)
-                periods.setdefault(p, []).append(i)
-            counts = await store.counts(scope, list(periods))
-            for (_, where), count in zip(periods.items(), counts, strict=True):
-                stored.values[column, where] = count
+        dau_left = set(todo[Column.DAU].tolist()) if Column.DAU in todo else set()
         rolling = [c for c in (Column.ROLL7, Column.ROLL30) if c in todo]
         if rolling:
+            # Each day of a run is read once, for its windows and for its own count, which
+            # then fills the run's DAU entries too (the same number PFCOUNT answers).
             widths = {Column.ROLL7: WEEK_DAYS, Column.ROLL30: MONTH_DAYS}
             wanted = sorted({int(i) for c in rolling for i in todo[c]})
             for lo, hi in runs(wanted, MONTH_DAYS):
-                got = await store.rolling_counts_many(
+                daily, got = await store.rolling_and_daily(
                     scope, first + timedelta(days=lo), first + timedelta(days=hi),
                     [widths[c] for c in rolling],
                 )
                 for c in rolling:
                     stored.values[c, lo : hi + 1] = got[widths[c]]
+                if dau_left:
+                    stored.values[Column.DAU, lo : hi + 1] = daily
+                    dau_left.difference_update(range(lo, hi + 1))
+        if dau_left:
+            idx = sorted(dau_left)
+            days = [day_of(first + timedelta(days=i)) for i in idx]
+            stored.values[Column.DAU, idx] = await store.counts(scope, days)
+        for column, of in ((Column.WEEK, None), (Column.MONTH, month_of)):
+            if column not in todo:
+                continue
+            periods: dict[Period, list[int]] = {}
+            for i in todo[column].tolist():
+                d = first + timedelta(days=i)
+                p = of(d) if of is not None else week_starting(config.week_start, d)
+                periods.setdefault(p, []).append(i)
+            counts = await store.counts(scope, list(periods))
+            for where, count in zip(periods.values(), counts, strict=True):
+                stored.values[column, where] = count
 
     async def _write_back(self, snap: Snapshot, stored: Stored) -> None:
         """File the result under the scope, to expire with its ``seq`` (see the docstring). A

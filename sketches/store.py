@@ -367,11 +367,18 @@ class SketchStore(abc.ABC):
         """For each day ``d`` of ``first..last``: distinct subjects over ``d - width + 1 .. d``."""
         return (await self.rolling_counts_many(ws, first, last, [width]))[width]
 
-    @abc.abstractmethod
     async def rolling_counts_many(
         self, ws: Workspace, first: date, last: date, widths: Sequence[int]
     ) -> dict[int, list[int]]:
         """``rolling_counts`` for several widths, reading each day's sketch once."""
+        return (await self.rolling_and_daily(ws, first, last, widths))[1]
+
+    @abc.abstractmethod
+    async def rolling_and_daily(
+        self, ws: Workspace, first: date, last: date, widths: Sequence[int]
+    ) -> tuple[list[int], dict[int, list[int]]]:
+        """For each day of ``first..last``: its own distinct subjects, and those of the
+        ``width`` days ending there for each width; each day's sketch read once for both."""
 
     async def day_values(self, ws: Workspace, days: Sequence[date]) -> list[Any]:
         """The raw value of each day's key (``None`` where absent), read in one round trip."""
@@ -497,27 +504,28 @@ class HllStore(SketchStore):
     def _count_command(self, key: str) -> tuple[Any, ...]:
         return ("PFCOUNT", key)
 
-    async def rolling_counts_many(
+    async def rolling_and_daily(
         self, ws: Workspace, first: date, last: date, widths: Sequence[int]
-    ) -> dict[int, list[int]]:
+    ) -> tuple[list[int], dict[int, list[int]]]:
         if last < first:
-            return {w: [] for w in widths}
+            return [], {w: [] for w in widths}
         if self.rolling == "server":
-            return {w: await self._rolling_server(ws, first, last, w) for w in widths}
+            rolling = {w: await self._rolling_server(ws, first, last, w) for w in widths}
+            daily = await self.counts(ws, [day_of(d) for d in date_range(first, last)])
+            return daily, rolling
         from sketches import hll
 
-        lead = max(widths) - 1
+        lead = max(widths, default=1) - 1
         days = date_range(first - lead * ONE_DAY, last)
         values = await self.day_values(ws, days)
 
-        def merge_and_count() -> dict[int, list[int]]:
-            registers = hll.decode_many(values)
-            estimates = hll.rolling_estimates(registers, widths, skip=lead)
-            return {w: estimates[w].tolist() for w in widths}
+        def merge_and_count() -> tuple[list[int], dict[int, list[int]]]:
+            dau, estimates = hll.rolling_from_values(values, widths, skip=lead)
+            return dau.tolist(), {w: estimates[w].tolist() for w in widths}
 
         try:
-            # Tens of milliseconds of numpy for a large workspace: off the event loop, so that
-            # other requests are served meanwhile (numpy releases the GIL in its inner loops).
+            # Milliseconds of compiled work for a dense workspace (the kernel releases the GIL):
+            # off the event loop, so that other requests are served meanwhile.
             return await asyncio.to_thread(merge_and_count)
         except hll.HllFormatError as err:
             raise CorruptSketch(self.keys.sketch(ws, day_of(first)), str(err)) from err
@@ -547,15 +555,16 @@ class ExactStore(SketchStore):
     def _count_command(self, key: str) -> tuple[Any, ...]:
         return ("SCARD", key)
 
-    async def rolling_counts_many(
+    async def rolling_and_daily(
         self, ws: Workspace, first: date, last: date, widths: Sequence[int]
-    ) -> dict[int, list[int]]:
+    ) -> tuple[list[int], dict[int, list[int]]]:
         if last < first:
-            return {w: [] for w in widths}
-        lead = max(widths) - 1
+            return [], {w: [] for w in widths}
+        lead = max(widths, default=1) - 1
         days = date_range(first - lead * ONE_DAY, last)
         members: list[set[bytes]] = [set(v or ()) for v in await self.day_values(ws, days)]
-        return {w: _sliding_distinct(members, w, lead) for w in widths}
+        daily = [len(m) for m in members[lead:]]
+        return daily, {w: _sliding_distinct(members, w, lead) for w in widths}
 
 
 def _sliding_distinct(members: Sequence[set[bytes]], width: int, skip: int) -> list[int]:
