@@ -71,6 +71,9 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
             else:
                 app.state.store = store
             yield
+            answers = getattr(app.state, "answers", None)
+            if answers is not None:
+                await answers.drain()
         await warm
 
     app = FastAPI(

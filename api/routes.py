@@ -17,8 +17,8 @@ from api.auth import READ_METRICS, Principal
 from api.deps import AnswersDep, PrincipalDep, SettingsDep, get_principal
 from api.schemas import ErrorBody, UsageMetric
 from sketches.keys import MAX_ORG_ID, MAX_WORKSPACE_ID, Workspace, org_scope
-from sketches.query import Metric, UsageRow, Window
-from sketches.results import Answers
+from sketches.query import Metric, Window
+from sketches.results import Answers, Series
 from sketches.results import Query as AnswerQuery
 from usage_metrics.config import Settings
 
@@ -62,7 +62,7 @@ def _path_id(name: str, raw: str, limit: int) -> str:
     return value
 
 
-def workspace_ref(
+async def workspace_ref(
     org_id: Annotated[str, Path(description="Organization id (percent-encode '/' and '%')")],
     workspace_id: Annotated[str, Path(description="Workspace id")],
 ) -> Workspace:
@@ -75,12 +75,12 @@ def workspace_ref(
 WorkspaceDep = Annotated[Workspace, Depends(workspace_ref)]
 
 
-def metrics_reader(ws: WorkspaceDep, caller: PrincipalDep) -> Principal:
+async def metrics_reader(ws: WorkspaceDep, caller: PrincipalDep) -> Principal:
     caller.require(READ_METRICS, ws.org_id)
     return caller
 
 
-def org_ref(
+async def org_ref(
     org_id: Annotated[str, Path(description="Organization id (percent-encode '/' and '%')")],
 ) -> Workspace:
     """The org's own scope (its sketches count each member once across its workspaces)."""
@@ -90,7 +90,7 @@ def org_ref(
 OrgDep = Annotated[Workspace, Depends(org_ref)]
 
 
-def org_reader(org: OrgDep, caller: PrincipalDep) -> Principal:
+async def org_reader(org: OrgDep, caller: PrincipalDep) -> Principal:
     caller.require(READ_METRICS, org.org_id)
     return caller
 
@@ -137,13 +137,16 @@ def wants_csv(fmt: str | None, accept: str | None) -> bool:
     return accept is not None and "text/csv" in accept and "application/json" not in accept
 
 
-def render_csv(rows: list[UsageRow]) -> str:
+def render_csv(rows: Series) -> bytes:
     def cell(v: int | None) -> str:
         return "" if v is None else str(v)
 
     lines = ["date,dau,wau,mau"]
-    lines += [f"{r.date.isoformat()},{cell(r.dau)},{cell(r.wau)},{cell(r.mau)}" for r in rows]
-    return "\r\n".join(lines) + "\r\n"
+    lines += [
+        f"{d},{cell(a)},{cell(w)},{cell(m)}"
+        for d, a, w, m in zip(rows.dates, rows.dau, rows.wau, rows.mau, strict=True)
+    ]
+    return ("\r\n".join(lines) + "\r\n").encode()
 
 
 COUNTING_HEADERS = {
@@ -153,10 +156,11 @@ COUNTING_HEADERS = {
 WEEK_START_HEADER = "X-Week-Start"
 
 
-def render_json(rows: list[UsageRow]) -> bytes:
-    return orjson.dumps(
-        [{"date": r.date.isoformat(), "dau": r.dau, "wau": r.wau, "mau": r.mau} for r in rows]
-    )
+def render_json(rows: Series) -> bytes:
+    return orjson.dumps([
+        {"date": d, "dau": a, "wau": w, "mau": m}
+        for d, a, w, m in zip(rows.dates, rows.dau, rows.wau, rows.mau, strict=True)
+    ])
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ class UsageParams:
     csv: bool
 
 
-def usage_params(
+async def usage_params(
     settings: SettingsDep,
     period_length: Annotated[
         int, Query(ge=0, description="days before end_date to include (rows = this + 1)")
@@ -220,7 +224,7 @@ async def serve_usage(
         raise invalid(("query", "end_date"), f"rows must not start before {EARLIEST_DAY}",
                       params.end_date)
     query = AnswerQuery(end, params.period_length, params.metrics, params.window, today)
-    render = (lambda rows: render_csv(rows).encode()) if params.csv else render_json
+    render = render_csv if params.csv else render_json
     body, hit = await answers.answer(snap, query, render, "csv" if params.csv else "json")
     headers = {
         TIMEZONE_HEADER: config.timezone,

@@ -65,12 +65,12 @@ WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def org_writer(org: OrgDep, caller: PrincipalDep) -> Principal:
+async def org_writer(org: OrgDep, caller: PrincipalDep) -> Principal:
     caller.require_any((WRITE_ORG_SETTINGS, WRITE_SETTINGS), org.org_id)
     return caller
 
 
-def workspace_writer(ws: WorkspaceDep, caller: PrincipalDep) -> Principal:
+async def workspace_writer(ws: WorkspaceDep, caller: PrincipalDep) -> Principal:
     caller.require(WRITE_SETTINGS, ws.org_id)
     return caller
 

@@ -62,6 +62,9 @@ a repeated identical request while the scope's random version token is unchanged
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import struct
 import zlib
 from collections import OrderedDict
@@ -69,6 +72,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -95,6 +99,10 @@ from sketches.store import SketchStore, run_pipeline
 from sketches.workspace_settings import Resolved, ScopeSettings, decode_scope, resolve
 from sketches.writes import STAMP_RING
 
+log = logging.getLogger(__name__)
+
+MAX_PENDING_WRITES = 64
+"""Stored-result writes a process lets run behind its responses."""
 LEAD = MONTH_DAYS - 1
 """Input days before the first stored entry (the 30-day window of that entry)."""
 TAIL = 31
@@ -273,6 +281,43 @@ def runs(days: Sequence[int], gap: int) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
+class Series:
+    """Rows as columns: what a response is rendered from. Building 731 ``UsageRow`` objects
+    and then 731 dicts cost milliseconds of Python per request; columns cost a fraction."""
+
+    dates: list[str]
+    dau: list[int | None]
+    wau: list[int | None]
+    mau: list[int | None]
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[UsageRow]) -> Series:
+        return cls(
+            [r.date.isoformat() for r in rows],
+            [r.dau for r in rows],
+            [r.wau for r in rows],
+            [r.mau for r in rows],
+        )
+
+    def rows(self) -> list[UsageRow]:
+        return [
+            UsageRow(date.fromisoformat(d), a, w, m)
+            for d, a, w, m in zip(self.dates, self.dau, self.wau, self.mau, strict=True)
+        ]
+
+
+@functools.lru_cache(maxsize=256)
+def _iso_dates(first: date, count: int) -> tuple[str, ...]:
+    days = np.arange(count, dtype="timedelta64[D]") + np.datetime64(first, "D")
+    return tuple(days.astype(str).tolist())
+
+
+def iso_dates(first: date, count: int) -> list[str]:
+    """``YYYY-MM-DD`` of ``count`` days from ``first`` (the same few spans are asked all day)."""
+    return list(_iso_dates(first, count))
+
+
+@dataclass(frozen=True)
 class Query:
     end: date
     period_length: int
@@ -360,8 +405,10 @@ class Answers:
         self.default_timezone = default_timezone
         self.cache = ResultCache(cache_entries)
         self.counters = Counters()
+        self._pending: dict[Workspace, asyncio.Task[list[Any]]] = {}
 
     async def snapshot(self, scope: Workspace) -> Snapshot:
+        await self._settled(scope)
         keys = self.store.keys
         variant_key = keys.result(scope, "v1")
         raw = await run_pipeline(
@@ -399,7 +446,7 @@ class Answers:
         self,
         snap: Snapshot,
         query: Query,
-        render: Callable[[list[UsageRow]], bytes],
+        render: Callable[[Series], bytes],
         render_kind: str,
     ) -> tuple[bytes, bool]:
         """The rendered body, and whether it came from the process cache."""
@@ -408,24 +455,27 @@ class Answers:
         if cached is not None:
             self.counters.cache_hits += 1
             return cached, True
-        body = render(await self.rows(snap, query))
+        body = render(await self.series(snap, query))
         self.cache.put(cache_key, snap.version, body)
         return body, False
 
     async def rows(self, snap: Snapshot, query: Query) -> list[UsageRow]:
+        return (await self.series(snap, query)).rows()
+
+    async def series(self, snap: Snapshot, query: Query) -> Series:
         wanted = query.metrics or ALL_METRICS
         start = query.end - timedelta(days=query.period_length)
         horizon = self.horizon(query.today)
         if snap.seq is None or start < horizon + timedelta(days=SAFE_MARGIN):
             # Never written (nothing to keep), or reaching back to where keys expire.
             self.counters.direct += 1
-            return await usage(
+            return Series.of_rows(await usage(
                 self.store, snap.scope, end=query.end, period_length=query.period_length,
                 metrics=wanted, window=query.window, horizon=horizon,
                 week_start=snap.config.week_start,
-            )
+            ))
         stored = await self._refresh(snap, query, horizon, columns_for(wanted, query.window))
-        return render_rows(stored, query, wanted, snap.config)
+        return render_series(stored, query, wanted)
 
     async def _refresh(
         self, snap: Snapshot, query: Query, horizon: date, columns: list[Column]
@@ -486,36 +536,68 @@ class Answers:
                 if dau_left:
                     stored.values[Column.DAU, lo : hi + 1] = daily
                     dau_left.difference_update(range(lo, hi + 1))
-        if dau_left:
-            idx = sorted(dau_left)
-            days = [day_of(first + timedelta(days=i)) for i in idx]
-            stored.values[Column.DAU, idx] = await store.counts(scope, days)
-        for column, of in ((Column.WEEK, None), (Column.MONTH, month_of)):
+        # Every count left (days, weeks, months) in one round trip.
+        wanted_counts: list[tuple[Column, Period, list[int]]] = []
+        for i in sorted(dau_left):
+            wanted_counts.append((Column.DAU, day_of(first + timedelta(days=i)), [i]))
+        for column in (Column.WEEK, Column.MONTH):
             if column not in todo:
                 continue
             periods: dict[Period, list[int]] = {}
             for i in todo[column].tolist():
                 d = first + timedelta(days=i)
-                p = of(d) if of is not None else week_starting(config.week_start, d)
+                p = week_starting(config.week_start, d) if column is Column.WEEK else month_of(d)
                 periods.setdefault(p, []).append(i)
-            counts = await store.counts(scope, list(periods))
-            for where, count in zip(periods.values(), counts, strict=True):
+            wanted_counts.extend((column, p, where) for p, where in periods.items())
+        if wanted_counts:
+            counts = await store.counts(scope, [p for _, p, _ in wanted_counts])
+            for (column, _, where), count in zip(wanted_counts, counts, strict=True):
                 stored.values[column, where] = count
 
     async def _write_back(self, snap: Snapshot, stored: Stored) -> None:
-        """File the result under the scope, to expire with its ``seq`` (see the docstring). A
-        failure to write only costs the next request a recompute."""
+        """File the result under the scope, to expire with its ``seq`` (see the docstring).
+
+        Sent without making the response wait: a write that fails, or that a later request
+        does not see yet, only costs that request a recompute. At most ``MAX_PENDING_WRITES``
+        are in flight; past that the response waits for its own write."""
         if snap.seq_ttl_ms == -2:  # seq is gone: nothing may outlive it
             return
         ttl = snap.seq_ttl_ms if snap.seq_ttl_ms > 0 else self.retention_days * 86_400_000
         key = self.store.keys.result(snap.scope, "v1")
-        await run_pipeline(self.store.client, [("SET", key, stored.encode(), "PX", ttl)])
+
+        async def write() -> list[Any]:
+            # Encoded here, after the response: this request's ``stored`` is not used again.
+            return await run_pipeline(self.store.client, [("SET", key, stored.encode(), "PX", ttl)])
+
         self.counters.writes += 1
+        if len(self._pending) >= MAX_PENDING_WRITES:
+            await write()
+            return
+        task = asyncio.create_task(write())
+        self._pending[snap.scope] = task
+        task.add_done_callback(lambda t: self._written(snap.scope, t))
+
+    def _written(self, scope: Workspace, task: asyncio.Task[list[Any]]) -> None:
+        if self._pending.get(scope) is task:
+            del self._pending[scope]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("stored result not written (the next request recomputes): %s",
+                        task.exception())
+
+    async def _settled(self, scope: Workspace) -> None:
+        """The next request of a scope reads what the previous one wrote: it waits for that
+        write if it is still in flight (usually it is long done)."""
+        task = self._pending.get(scope)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def drain(self) -> None:
+        """Wait for every write-back in flight (a process that stops, a test that looks)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending.values()), return_exceptions=True)
 
 
-def render_rows(
-    stored: Stored, query: Query, wanted: frozenset[Metric], config: Resolved
-) -> list[UsageRow]:
+def render_series(stored: Stored, query: Query, wanted: frozenset[Metric]) -> Series:
     """The requested rows from stored columns: DAU and rolling as they are (0 is null), calendar
     weeks and months forward-filled from the horizon, so a row never depends on
     ``period_length``."""
@@ -532,9 +614,8 @@ def render_rows(
         values = stored.values[column, :b]
         idx = np.where(values > 0, np.arange(values.size), -1)
         np.maximum.accumulate(idx, out=idx)
-        picked = idx[a:b].tolist()
         vals = values.tolist()
-        return [vals[i] if i >= 0 else None for i in picked]
+        return [vals[i] if i >= 0 else None for i in idx[a:b].tolist()]
 
     dau = plain(Column.DAU) if Metric.DAU in wanted else blank
     if query.window is Window.CALENDAR:
@@ -543,5 +624,4 @@ def render_rows(
     else:
         wau = plain(Column.ROLL7) if Metric.WAU in wanted else blank
         mau = plain(Column.ROLL30) if Metric.MAU in wanted else blank
-    days = [start + timedelta(days=i) for i in range(n)]
-    return [UsageRow(d, x, y, z) for d, x, y, z in zip(days, dau, wau, mau, strict=True)]
+    return Series(iso_dates(start, n), dau, wau, mau)
