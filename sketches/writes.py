@@ -55,8 +55,8 @@ STAMP_RING = 1024
 """Slots of the change-stamp ring: more days than any stored result spans by default."""
 META_SLACK_DAYS = 62
 """``seq``/``stamps``/``version`` outlive the scope's last write by retention plus this."""
-MEMBERS_PER_CALL = 8000
-"""A scope's share of a batch is split into script calls of at most this many members: ~1-2 ms
+MEMBERS_PER_CALL = 2000
+"""A scope's share of a batch is split into script calls of at most this many members: ~1 ms
 of Redis time each, so a large batch never holds Redis for long (a stamp per call is cheap)."""
 UNPACK_CHUNK = 4000
 """Members per ``PFADD`` inside the script: Lua's ``unpack`` is limited to ~8,000 values."""
