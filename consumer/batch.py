@@ -18,7 +18,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, tzinfo
-from functools import lru_cache
 from typing import TypeAlias
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -53,12 +52,24 @@ class Parsed:
 
 @dataclass
 class Prepared:
-    sketches: dict[tuple[Workspace, Period], set[str]] = field(default_factory=dict)
+    # Members per (scope, local day); each scope's week and month follow from its week start.
+    days: dict[tuple[Workspace, date], set[str]] = field(default_factory=dict)
+    week_starts: dict[Workspace, WeekStart] = field(default_factory=dict)
     dead: list[tuple[Record, str]] = field(default_factory=list)
     logins: int = 0
     filtered: int = 0
     excluded: int = 0
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+    @property
+    def sketches(self) -> dict[tuple[Workspace, Period], set[str]]:
+        """Every sketch the batch adds to, with its members (what the store derives from
+        ``days``; tests and tools read it)."""
+        out: defaultdict[tuple[Workspace, Period], set[str]] = defaultdict(set)
+        for (scope, d), subjects in self.days.items():
+            for p in periods_holding(d, self.week_starts[scope]):
+                out[(scope, p)] |= subjects
+        return dict(out)
 
 
 def parse_records(records: Iterable[Record], rules: Rules, now: datetime) -> Parsed:
@@ -81,11 +92,6 @@ def parse_records(records: Iterable[Record], rules: Rules, now: datetime) -> Par
     for (topic, partition), offset in last.items():
         offsets[TopicPartition(topic, partition)] = offset + 1
     return out
-
-
-@lru_cache(maxsize=8192)
-def _periods(d: date, week_start: WeekStart) -> tuple[Period, Period, Period]:
-    return periods_holding(d, week_start)
 
 
 def _local_date(moment: datetime, tz: tzinfo) -> date:
@@ -136,11 +142,6 @@ def bucket(
     out.excluded = excluded
     out.logins = counted
 
-    sketches: defaultdict[tuple[Workspace, Period], set[str]] = defaultdict(set)
-    for (scope, d), subjects in per_day.items():
-        day_p, week, month = _periods(d, configs[scope].week_start)
-        sketches[(scope, day_p)] = subjects
-        sketches[(scope, week)] |= subjects
-        sketches[(scope, month)] |= subjects
-    out.sketches = dict(sketches)
+    out.days = dict(per_day)
+    out.week_starts = {scope: configs[scope].week_start for scope, _ in per_day}
     return out

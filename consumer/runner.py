@@ -165,7 +165,9 @@ class BatchWriter:
             configs = await self.workspace_settings.resolve(parsed.scopes)
             prepared = bucket(parsed, configs, self.only)
             # After the sketches, on the same connection: the applied offsets.
-            return prepared, await self.store.add(prepared.sketches, after)
+            return prepared, await self.store.add_by_day(
+                prepared.days, prepared.week_starts, after
+            )
 
         stored = await self._retrying("storing the batch", store_batch, should_stop)
         if isinstance(stored, _Stopped):

@@ -78,8 +78,9 @@ def _hash_tag(org_id: str, workspace_id: str) -> str:
 
 
 @functools.lru_cache(maxsize=1 << 18)
-def _sketch_key(prefix: str, kind: str, ws: Workspace, period: Period) -> str:
+def _sketch_key(prefix: str, mode: str, ws: Workspace, period: Period) -> str:
     # Cached: a batch builds tens of thousands of keys, mostly the same as the batch before.
+    kind = "hll" if mode == "hll" else "set"
     tag = _hash_tag(ws.org_id, ws.workspace_id)
     return f"{prefix}:{tag}:{kind}:{period.granularity.value}:{period.label}"
 
@@ -101,7 +102,7 @@ class KeySpace:
         return "hll" if self.mode == "hll" else "set"
 
     def sketch(self, ws: Workspace, period: Period) -> str:
-        return _sketch_key(self.prefix, self.kind, ws, period)
+        return _sketch_key(self.prefix, self.mode, ws, period)
 
     def seq(self, ws: Workspace) -> str:
         """A counter the write path increments once per batch that touches the scope; its value

@@ -12,6 +12,7 @@ day (``S2026-11-29``) under its own granularity letter, so the two kinds never s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -117,8 +118,10 @@ def period_of(granularity: Granularity, d: date) -> Period:
     return month_of(d)
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def periods_holding(d: date, week_start: WeekStart = "monday") -> tuple[Period, Period, Period]:
-    """The day, week and month a login on ``d`` is counted in."""
+    """The day, week and month a login on ``d`` is counted in. Cached: a batch asks it for
+    every (scope, day) it holds, always about the same few hundred days."""
     return day_of(d), week_starting(week_start, d), month_of(d)
 
 

@@ -81,9 +81,11 @@ from redis.crc import key_slot
 
 from sketches.errors import CorruptSketch, StoreUnavailable
 from sketches.keys import KeySpace, Workspace
-from sketches.periods import ONE_DAY, Period, date_range, day_of
+from sketches.periods import ONE_DAY, Period, WeekStart, date_range, day_of
 from sketches.writes import (
     WRITE_SCRIPT,
+    ScopeWrite,
+    by_day,
     failures,
     group_by_scope,
     new_token,
@@ -234,6 +236,7 @@ class SketchStore(abc.ABC):
         self._record_head = sample[: sample.index("{")]
 
     _add_verb: str = "PFADD"
+    _merge_days: bool = True
 
     @abc.abstractmethod
     def _count_command(self, key: str) -> tuple[Any, ...]: ...
@@ -249,9 +252,27 @@ class SketchStore(abc.ABC):
         Returns the keys that could not be written because they hold something else: the rest of
         the batch is kept, and the caller decides what to log.
         """
-        grouped = group_by_scope(batch)
-        token = new_token()
+        return await self._add_grouped(group_by_scope(batch), after, time_module.time())
+
+    async def add_by_day(
+        self,
+        days: Mapping[tuple[Workspace, date], Collection[str]],
+        week_starts: Mapping[Workspace, WeekStart],
+        after: Sequence[tuple[Any, ...]] = (),
+    ) -> list[CorruptSketch]:
+        """``add`` of members per (scope, local day), each also counted in its week (by the
+        scope's week start) and month: the consumer's batches. HyperLogLog weeks and months are
+        merged from the day sketches inside Redis (``sketches.writes.by_day``)."""
         now = time_module.time()
+        grouped = by_day(days, week_starts, merge=self._merge_days,
+                         retention_days=self.retention_days, now=now)
+        return await self._add_grouped(grouped, after, now)
+
+    async def _add_grouped(
+        self, grouped: Mapping[Workspace, ScopeWrite], after: Sequence[tuple[Any, ...]],
+        now: float,
+    ) -> list[CorruptSketch]:
+        token = new_token()
         scopes: list[Workspace] = []
         commands: list[tuple[Any, ...]] = []
         for scope, write in grouped.items():
@@ -554,6 +575,7 @@ class ExactStore(SketchStore):
     _read_command = "SMEMBERS"
 
     _add_verb = "SADD"
+    _merge_days = False
 
     def _count_command(self, key: str) -> tuple[Any, ...]:
         return ("SCARD", key)

@@ -49,7 +49,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from sketches.keys import KeySpace, Workspace
-from sketches.periods import Granularity, Period
+from sketches.periods import Granularity, Period, WeekStart, periods_holding
 
 STAMP_RING = 1024
 """Slots of the change-stamp ring: more days than any stored result spans by default."""
@@ -69,7 +69,9 @@ redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('SET', KEYS[3], ARGV[2], 'EX', ttl)
 local nslots = tonumber(ARGV[4])
-local i = 5
+local nmembers = tonumber(ARGV[5])
+local nmerges = tonumber(ARGV[6])
+local i = 7
 if nslots > 0 then
   local ops = {}
   for j = 0, nslots - 1 do
@@ -86,7 +88,7 @@ if nslots > 0 then
   i = i + nslots
 end
 local failed = {}
-for k = 4, #KEYS do
+for k = 4, 3 + nmembers do
   local key = KEYS[k]
   local at = ARGV[i]
   local n = tonumber(ARGV[i + 1])
@@ -104,6 +106,24 @@ for k = 4, #KEYS do
   end
   if ok then redis.call('EXPIREAT', key, at, 'NX') end
   i = last + 1
+end
+for k = 4 + nmembers, 3 + nmembers + nmerges do
+  local key = KEYS[k]
+  local at = ARGV[i]
+  local n = tonumber(ARGV[i + 1])
+  i = i + 2
+  local sources = {}
+  for j = 0, n - 1 do
+    sources[#sources + 1] = KEYS[tonumber(ARGV[i + j])]
+  end
+  i = i + n
+  local r = redis.pcall('PFMERGE', key, unpack(sources))
+  if type(r) == 'table' and r.err then
+    failed[#failed + 1] = key
+    failed[#failed + 1] = r.err
+  else
+    redis.call('EXPIREAT', key, at, 'NX')
+  end
 end
 return failed
 """.replace("CHUNK", str(UNPACK_CHUNK))
@@ -123,10 +143,12 @@ def expire_at(period: Period, retention_days: int) -> int:
 
 @dataclass
 class ScopeWrite:
-    """Everything one batch writes to one scope."""
+    """Everything one batch writes to one scope: members per sketch, and (HLL only) week and
+    month sketches merged from the day sketches the batch wrote."""
 
     sketches: dict[Period, Collection[str]] = field(default_factory=dict)
     days: set[date] = field(default_factory=set)
+    merges: dict[Period, list[Period]] = field(default_factory=dict)
 
     def parts(self, limit: int = MEMBERS_PER_CALL) -> Iterable[ScopeWrite]:
         """The write cut into pieces of at most ``limit`` members (a key's members too, when
@@ -134,6 +156,7 @@ class ScopeWrite:
         change, and adding members in several calls is the same as in one."""
         part = ScopeWrite(days=self.days)
         size = 0
+        merges_left = bool(self.merges)
         for period, members in self.sketches.items():
             items = members if len(members) <= limit else list(members)
             for lo in range(0, len(items), limit):
@@ -143,7 +166,9 @@ class ScopeWrite:
                     part, size = ScopeWrite(days=self.days), 0
                 part.sketches[period] = chunk
                 size += len(chunk)
-        if part.sketches:
+        if merges_left:  # after every member of the scope: the merges read the day sketches
+            part.merges = self.merges
+        if part.sketches or part.merges:
             yield part
 
 
@@ -188,19 +213,78 @@ def script_call(
 ) -> tuple[tuple[Any, ...], list[str]]:
     """The ``EVALSHA`` of one scope, and the sketch keys it writes (in order)."""
     meta_ttl = (retention_days + META_SLACK_DAYS) * 86400
-    sketch_keys: list[str] = []
-    argv: list[Any] = [command, token, meta_ttl, len(write.days)]
-    argv.extend(stamp_slot(d) for d in write.days)
+    member_keys: list[str] = []
+    members_argv: list[Any] = []
     for period, members in write.sketches.items():
         deadline = expire_at(period, retention_days)
         if deadline <= now:
             continue  # it would be deleted as it is written
-        sketch_keys.append(keys.sketch(scope, period))
-        argv.append(deadline)
-        argv.append(len(members))
-        argv.extend(members)
+        member_keys.append(keys.sketch(scope, period))
+        members_argv.append(deadline)
+        members_argv.append(len(members))
+        members_argv.extend(members)
+    merge_keys: list[str] = []
+    merge_argv: list[Any] = []
+    sources: dict[str, int] = {}  # source key -> its KEYS index (1-based)
     head = [keys.seq(scope), keys.stamps(scope), keys.version(scope)]
-    return ("EVALSHA", sha, len(head) + len(sketch_keys), *head, *sketch_keys, *argv), sketch_keys
+    first_source = len(head) + len(member_keys) + 1 + sum(
+        1 for p in write.merges if expire_at(p, retention_days) > now
+    )
+    for period, days in write.merges.items():
+        deadline = expire_at(period, retention_days)
+        if deadline <= now:
+            continue
+        merge_keys.append(keys.sketch(scope, period))
+        merge_argv.append(deadline)
+        merge_argv.append(len(days))
+        for day in days:
+            name = keys.sketch(scope, day)
+            if name not in sources:
+                sources[name] = first_source + len(sources)
+            merge_argv.append(sources[name])
+    argv: list[Any] = [command, token, meta_ttl, len(write.days), len(member_keys),
+                       len(merge_keys)]
+    argv.extend(stamp_slot(d) for d in write.days)
+    all_keys = [*head, *member_keys, *merge_keys, *sources]
+    return ("EVALSHA", sha, len(all_keys), *all_keys, *argv, *members_argv, *merge_argv), [
+        *member_keys, *merge_keys
+    ]
+
+
+def by_day(
+    days: Mapping[tuple[Workspace, date], Collection[str]],
+    week_starts: Mapping[Workspace, WeekStart],
+    *,
+    merge: bool,
+    retention_days: int,
+    now: float,
+) -> dict[Workspace, ScopeWrite]:
+    """A batch given as members per (scope, local day), as the consumer buckets it.
+
+    With ``merge`` (HyperLogLog), members go to the day sketches only, and each week and month
+    sketch is ``PFMERGE``d from the batch's days in it: a week's registers are the maximum of
+    its days', since both saw the same members, so the result is the very same sketch for a third
+    of the arguments sent and no set unions in Python. A day whose key is past its deadline is
+    not written, so its members go to its week and month directly. Without ``merge`` (exact
+    sets, where a union costs as much as the members) every sketch gets its members."""
+    out: dict[Workspace, ScopeWrite] = {}
+    for (scope, d), members in days.items():
+        if not members:
+            continue
+        write = out.get(scope)
+        if write is None:
+            write = out[scope] = ScopeWrite()
+        day_p, week, month = periods_holding(d, week_starts[scope])
+        write.days.add(d)
+        write.sketches[day_p] = members
+        if merge and expire_at(day_p, retention_days) > now:
+            write.merges.setdefault(week, []).append(day_p)
+            write.merges.setdefault(month, []).append(day_p)
+        else:
+            for p in (week, month):
+                held = write.sketches.get(p)
+                write.sketches[p] = set(members) if held is None else {*held, *members}
+    return out
 
 
 def new_token() -> str:

@@ -219,3 +219,38 @@ async def test_a_write_larger_than_one_script_call_is_split_and_counts_every_mem
             assert n == len(members)
         else:
             assert abs(n - len(members)) <= 0.03 * len(members)
+
+
+async def test_the_consumers_day_writes_make_the_very_same_weeks_and_months(
+    store: SketchStore, settings: Any, redis_client: aioredis.Redis
+) -> None:
+    """add_by_day (HLL: members to the days, weeks and months merged from them in Redis) and
+    add with every member sent to every sketch must leave identical sketches."""
+    from sketches import hll
+    from usage_metrics.wiring import open_store
+
+    rng = random.Random(4)
+    today = utc_today()
+    days: dict[Any, set[str]] = {}
+    for _ in range(3000):
+        d = today - timedelta(days=rng.randrange(70))
+        days.setdefault((WS, d), set()).add(f"u{rng.randrange(5000)}")
+    starts: dict[Any, Any] = {WS: "sunday"}
+    await store.add_by_day(dict(list(days.items())[:40]), starts)  # two batches, as a stream
+    await store.add_by_day(dict(list(days.items())[40:]), starts)
+    plain = settings.model_copy(update={"redis_key_prefix": store.keys.prefix + "-plain"})
+    async with open_store(plain) as other:
+        batch: dict[Any, set[str]] = {}
+        for (ws, d), members in days.items():
+            for p in periods_holding(d, "sunday"):
+                batch.setdefault((ws, p), set()).update(members)
+        await other.add(batch)
+        periods = {p for (_, d) in days for p in periods_holding(d, "sunday")}
+        for p in periods:
+            a, b = store.keys.sketch(WS, p), other.keys.sketch(WS, p)
+            if settings.sketch_mode == "exact":
+                assert await redis_client.smembers(a) == await redis_client.smembers(b), p
+            else:
+                ra = hll.decode(await redis_client.get(a))
+                rb = hll.decode(await redis_client.get(b))
+                assert (ra == rb).all(), p

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sketches.keys import KeySpace, Workspace
-from sketches.periods import day_of, month_of, periods_holding, week_of
-from sketches.writes import ScopeWrite, group_by_scope, script_call
+from sketches.periods import day_of, month_of, periods_holding, sunday_week_of, week_of
+from sketches.writes import ScopeWrite, by_day, expire_at, group_by_scope, script_call
 
 WS = Workspace("acme", "ws")
 D = date(2026, 11, 24)
@@ -59,3 +59,33 @@ def test_a_key_past_its_deadline_is_left_out_of_the_script_call() -> None:
     assert written == [keys.sketch(WS, p) for p in periods_holding(D)]
     assert call[0] == "EVALSHA"
     assert call[2] == 3 + len(written)  # seq, stamps, version, then the sketch keys
+
+
+def test_by_day_merges_hll_weeks_and_months_from_the_days_and_sends_exact_members() -> None:
+    days = {(WS, D): {"a", "b"}, (WS, D - timedelta(days=1)): {"c"}, (WS.org, D): {"a"}}
+    starts = {WS: "monday", WS.org: "sunday"}
+    now = 1_780_000_000.0  # 2026-05-28: every key of late 2026 is alive
+    merged = by_day(days, starts, merge=True, retention_days=800, now=now)  # type: ignore[arg-type]
+    ws = merged[WS]
+    assert set(ws.sketches) == {day_of(D), day_of(D - timedelta(days=1))}
+    assert sorted(ws.merges[week_of(D)]) == sorted([day_of(D), day_of(D - timedelta(days=1))])
+    assert set(merged[WS.org].merges) == {sunday_week_of(D), month_of(D)}
+    assert merged[WS].days == {D, D - timedelta(days=1)}
+    exact = by_day(days, starts, merge=False, retention_days=800, now=now)  # type: ignore[arg-type]
+    assert exact[WS].merges == {}
+    assert exact[WS].sketches[week_of(D)] == {"a", "b", "c"}
+    assert exact[WS].sketches[month_of(D)] == {"a", "b", "c"}
+    # A day past its deadline is not written; its members reach its week and month directly.
+    late = by_day({(WS, D): {"z"}}, starts, merge=True, retention_days=800,  # type: ignore[arg-type]
+                  now=expire_at(day_of(D), 800) + 1)
+    assert late[WS].sketches[week_of(D)] == {"z"}
+    assert late[WS].merges == {}
+
+
+def test_merges_ride_in_the_last_part_after_every_member() -> None:
+    write = by_day({(WS, D - timedelta(days=i)): {f"m{i}-{k}" for k in range(30)}
+                    for i in range(5)}, {WS: "monday"}, merge=True, retention_days=800,
+                   now=1_780_000_000.0)[WS]
+    parts = list(write.parts(40))
+    assert all(not p.merges for p in parts[:-1])
+    assert parts[-1].merges == write.merges
