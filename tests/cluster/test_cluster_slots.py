@@ -227,6 +227,7 @@ async def test_every_key_of_a_stored_result_answer_hashes_to_its_scopes_slot(
     snap = await answers.snapshot(scope)
     assert snap.seq == 3
     await answers.rows(snap, AnswerQuery(END, period_length, metrics, window, END))
+    await answers.drain()  # the write-back runs behind the response
     want = slot_of(store.keys.hash_tag(scope))
     sent = client.commands()
     assert any(str(c[0]).upper() == "SET" for c in sent), "the result was not written back"
