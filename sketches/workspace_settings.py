@@ -59,22 +59,12 @@ def zone(name: str) -> tzinfo:
         raise ValueError(f"unknown timezone {name!r}") from err
 
 
-class WorkspaceSettings(BaseModel):
-    """The body of ``GET``/``PUT .../settings``."""
+class _ScopeSettingsBase(BaseModel):
+    """What every scope sets: the zone its days are counted in and the day its weeks start."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "example": {"timezone": "Asia/Tokyo", "excluded_subjects": ["qa-*", "bot-health"]}
-        },
-    )
+    model_config = ConfigDict(extra="forbid")
 
-    timezone: str = Field(description="IANA timezone the workspace's days are counted in")
-    excluded_subjects: list[str] = Field(
-        default_factory=list,
-        max_length=MAX_EXCLUDED,
-        description="exact subjects or '*' glob patterns whose logins are not counted",
-    )
+    timezone: str = Field(description="IANA timezone the scope's days are counted in")
     week_start: WeekStart = Field(
         default="monday",
         description="first day of a calendar week: monday (ISO) or sunday",
@@ -85,6 +75,24 @@ class WorkspaceSettings(BaseModel):
     def _known_zone(cls, value: str) -> str:
         zone(value)
         return value
+
+
+class WorkspaceSettings(_ScopeSettingsBase):
+    """The body of ``GET``/``PUT .../settings``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {"timezone": "Asia/Tokyo", "excluded_subjects": ["qa-*", "bot-health"],
+                        "week_start": "monday"}
+        },
+    )
+
+    excluded_subjects: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_EXCLUDED,
+        description="exact subjects or '*' glob patterns whose logins are not counted",
+    )
 
     @field_validator("excluded_subjects")
     @classmethod
@@ -95,7 +103,7 @@ class WorkspaceSettings(BaseModel):
         return values
 
 
-class OrgSettings(BaseModel):
+class OrgSettings(_ScopeSettingsBase):
     """The body of ``GET``/``PUT /api/v2/org/{org_id}/settings``: how the org's own sketches
     count days and weeks."""
 
@@ -103,18 +111,6 @@ class OrgSettings(BaseModel):
         extra="forbid",
         json_schema_extra={"example": {"timezone": "Europe/Berlin", "week_start": "monday"}},
     )
-
-    timezone: str = Field(description="IANA timezone the org's days are counted in")
-    week_start: WeekStart = Field(
-        default="monday",
-        description="first day of a calendar week: monday (ISO) or sunday",
-    )
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        zone(value)
-        return value
 
 
 ScopeSettings = WorkspaceSettings | OrgSettings
@@ -184,27 +180,24 @@ def encode(settings: ScopeSettings) -> bytes:
     return orjson.dumps(settings.model_dump())
 
 
-def decode(raw: bytes | str | None, default_timezone: str) -> WorkspaceSettings:
+def _decode(model: type[S], raw: bytes | str | None, default: S) -> S:
     """Stored settings, or the defaults when none are stored (or they no longer validate, e.g.
     a zone removed from the tz database: counting must go on, in the default zone)."""
     if raw is None:
-        return default_settings(default_timezone)
+        return default
     try:
         data: Any = orjson.loads(raw)
-        return WorkspaceSettings.model_validate(data)
+        return model.model_validate(data)
     except (orjson.JSONDecodeError, ValueError):
-        return default_settings(default_timezone)
+        return default
+
+
+def decode(raw: bytes | str | None, default_timezone: str) -> WorkspaceSettings:
+    return _decode(WorkspaceSettings, raw, default_settings(default_timezone))
 
 
 def decode_org(raw: bytes | str | None, default_timezone: str) -> OrgSettings:
-    """An org's stored settings, or the defaults (as ``decode``)."""
-    if raw is None:
-        return default_org_settings(default_timezone)
-    try:
-        data: Any = orjson.loads(raw)
-        return OrgSettings.model_validate(data)
-    except (orjson.JSONDecodeError, ValueError):
-        return default_org_settings(default_timezone)
+    return _decode(OrgSettings, raw, default_org_settings(default_timezone))
 
 
 def decode_scope(raw: bytes | str | None, scope: Workspace, default_timezone: str) -> ScopeSettings:
