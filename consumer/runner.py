@@ -379,7 +379,17 @@ class GroupConsumer:
         stop: asyncio.Event,
     ) -> None:
         async with self.lock:
-            parsed = writer.parse(records)
+            # A batch gathered over several fetches may hold records of partitions revoked
+            # meanwhile (the listener does not wait for a batch still being gathered): their
+            # new owner reads them from the store's offsets, and committing them would fail.
+            assigned = consumer.assignment()
+            mine = [r for r in records if TopicPartition(r.topic, r.partition) in assigned]
+            if len(mine) < len(records):
+                log.info("dropping %d records of partitions revoked while the batch gathered",
+                         len(records) - len(mine))
+            if not mine:
+                return
+            parsed = writer.parse(mine)
             give_up = self._give_up(stop)
             if await writer.write(parsed, record_offsets=True, should_stop=give_up) is None:
                 return

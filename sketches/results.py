@@ -77,6 +77,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from sketches.errors import CorruptSketch
 from sketches.keys import Workspace
 from sketches.periods import (
     Granularity,
@@ -466,16 +467,24 @@ class Answers:
         wanted = query.metrics or ALL_METRICS
         start = query.end - timedelta(days=query.period_length)
         horizon = self.horizon(query.today)
-        if snap.seq is None or start < horizon + timedelta(days=SAFE_MARGIN):
-            # Never written (nothing to keep), or reaching back to where keys expire.
-            self.counters.direct += 1
-            return Series.of_rows(await usage(
-                self.store, snap.scope, end=query.end, period_length=query.period_length,
-                metrics=wanted, window=query.window, horizon=horizon,
-                week_start=snap.config.week_start,
-            ))
-        stored = await self._refresh(snap, query, horizon, columns_for(wanted, query.window))
-        return render_series(stored, query, wanted)
+        if snap.seq is not None and start >= horizon + timedelta(days=SAFE_MARGIN):
+            try:
+                stored = await self._refresh(
+                    snap, query, horizon, columns_for(wanted, query.window)
+                )
+                return render_series(stored, query, wanted)
+            except CorruptSketch as err:
+                # A stored column spans every day, so one damaged key would refuse the whole
+                # scope: compute just the requested rows instead, which fails only if they
+                # read that key.
+                log.warning("stored result not refreshed, computing directly: %s", err)
+        # Never written (nothing to keep), reaching back to where keys expire, or damaged.
+        self.counters.direct += 1
+        return Series.of_rows(await usage(
+            self.store, snap.scope, end=query.end, period_length=query.period_length,
+            metrics=wanted, window=query.window, horizon=horizon,
+            week_start=snap.config.week_start,
+        ))
 
     async def _refresh(
         self, snap: Snapshot, query: Query, horizon: date, columns: list[Column]

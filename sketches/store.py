@@ -81,7 +81,7 @@ from redis.crc import key_slot
 
 from sketches.errors import CorruptSketch, StoreUnavailable
 from sketches.keys import KeySpace, Workspace
-from sketches.periods import ONE_DAY, Period, WeekStart, date_range, day_of
+from sketches.periods import ONE_DAY, Period, WeekStart, date_range, day_of, periods_holding
 from sketches.writes import (
     WRITE_SCRIPT,
     ScopeWrite,
@@ -266,7 +266,25 @@ class SketchStore(abc.ABC):
         now = time_module.time()
         grouped = by_day(days, week_starts, merge=self._merge_days,
                          retention_days=self.retention_days, now=now)
-        return await self._add_grouped(grouped, after, now)
+        failed = await self._add_grouped(grouped, after, now)
+        if failed and self._merge_days:
+            # A day key that holds something else was neither written nor merged into its
+            # week and month: its members go there directly, so the rest of the batch is kept.
+            of_key = {self.keys.sketch(scope, day_of(d)): (scope, d) for scope, d in days}
+            direct: dict[tuple[Workspace, Period], set[str]] = {}
+            for corrupt in failed:
+                hit = of_key.get(corrupt.key)
+                if hit is None:
+                    continue
+                scope, d = hit
+                for period in periods_holding(d, week_starts[scope])[1:]:
+                    direct.setdefault((scope, period), set()).update(days[hit])
+            if direct:
+                failed += await self.add(direct)
+        unique: dict[str, CorruptSketch] = {}
+        for corrupt in failed:
+            unique.setdefault(corrupt.key, corrupt)
+        return list(unique.values())
 
     async def _add_grouped(
         self, grouped: Mapping[Workspace, ScopeWrite], after: Sequence[tuple[Any, ...]],

@@ -112,18 +112,24 @@ for k = 4 + nmembers, 3 + nmembers + nmerges do
   local at = ARGV[i]
   local n = tonumber(ARGV[i + 1])
   i = i + 2
-  local sources = {}
+  local ok = true
   for j = 0, n - 1 do
-    sources[#sources + 1] = KEYS[tonumber(ARGV[i + j])]
+    local source = KEYS[tonumber(ARGV[i + j])]
+    local r = redis.pcall('PFMERGE', key, source)
+    if type(r) == 'table' and r.err then
+      local mine = redis.pcall('PFMERGE', key)
+      if type(mine) == 'table' and mine.err then
+        failed[#failed + 1] = key
+        failed[#failed + 1] = mine.err
+        ok = false
+        break
+      end
+      failed[#failed + 1] = source
+      failed[#failed + 1] = r.err
+    end
   end
   i = i + n
-  local r = redis.pcall('PFMERGE', key, unpack(sources))
-  if type(r) == 'table' and r.err then
-    failed[#failed + 1] = key
-    failed[#failed + 1] = r.err
-  else
-    redis.call('EXPIREAT', key, at, 'NX')
-  end
+  if ok then redis.call('EXPIREAT', key, at, 'NX') end
 end
 return failed
 """.replace("CHUNK", str(UNPACK_CHUNK))
