@@ -81,7 +81,7 @@ from redis.crc import key_slot
 
 from sketches.errors import CorruptSketch, StoreUnavailable
 from sketches.keys import KeySpace, Workspace
-from sketches.periods import ONE_DAY, Period, WeekStart, date_range, day_of, periods_holding
+from sketches.periods import ONE_DAY, Period, WeekStart, date_range, day_of
 from sketches.writes import (
     WRITE_SCRIPT,
     ScopeWrite,
@@ -236,7 +236,6 @@ class SketchStore(abc.ABC):
         self._record_head = sample[: sample.index("{")]
 
     _add_verb: str = "PFADD"
-    _merge_days: bool = True
 
     @abc.abstractmethod
     def _count_command(self, key: str) -> tuple[Any, ...]: ...
@@ -261,30 +260,10 @@ class SketchStore(abc.ABC):
         after: Sequence[tuple[Any, ...]] = (),
     ) -> list[CorruptSketch]:
         """``add`` of members per (scope, local day), each also counted in its week (by the
-        scope's week start) and month: the consumer's batches. HyperLogLog weeks and months are
-        merged from the day sketches inside Redis (``sketches.writes.by_day``)."""
+        scope's week start) and month: the consumer's batches, each member sent once
+        (``sketches.writes.by_day``)."""
         now = time_module.time()
-        grouped = by_day(days, week_starts, merge=self._merge_days,
-                         retention_days=self.retention_days, now=now)
-        failed = await self._add_grouped(grouped, after, now)
-        if failed and self._merge_days:
-            # A day key that holds something else was neither written nor merged into its
-            # week and month: its members go there directly, so the rest of the batch is kept.
-            of_key = {self.keys.sketch(scope, day_of(d)): (scope, d) for scope, d in days}
-            direct: dict[tuple[Workspace, Period], set[str]] = {}
-            for corrupt in failed:
-                hit = of_key.get(corrupt.key)
-                if hit is None:
-                    continue
-                scope, d = hit
-                for period in periods_holding(d, week_starts[scope])[1:]:
-                    direct.setdefault((scope, period), set()).update(days[hit])
-            if direct:
-                failed += await self.add(direct)
-        unique: dict[str, CorruptSketch] = {}
-        for corrupt in failed:
-            unique.setdefault(corrupt.key, corrupt)
-        return list(unique.values())
+        return await self._add_grouped(by_day(days, week_starts), after, now)
 
     async def _add_grouped(
         self, grouped: Mapping[Workspace, ScopeWrite], after: Sequence[tuple[Any, ...]],
@@ -307,13 +286,15 @@ class SketchStore(abc.ABC):
             # send the batch again; every write in it is idempotent.
             await self._load_write_script()
             results = await self._write(commands, after)
-        failed: list[CorruptSketch] = []
+        failed: dict[str, CorruptSketch] = {}  # a key cut over several calls fails in each
         for scope, res in zip(scopes, results, strict=False):
             if isinstance(res, BaseException):
-                failed.append(CorruptSketch(self.keys.workspace_prefix(scope), str(res)))
+                key = self.keys.workspace_prefix(scope)
+                failed.setdefault(key, CorruptSketch(key, str(res)))
             else:
-                failed.extend(CorruptSketch(key, err) for key, err in failures(res))
-        return failed
+                for key, err in failures(res):
+                    failed.setdefault(key, CorruptSketch(key, err))
+        return list(failed.values())
 
     async def _write(
         self, commands: Sequence[tuple[Any, ...]], after: Sequence[tuple[Any, ...]]
@@ -593,7 +574,6 @@ class ExactStore(SketchStore):
     _read_command = "SMEMBERS"
 
     _add_verb = "SADD"
-    _merge_days = False
 
     def _count_command(self, key: str) -> tuple[Any, ...]:
         return ("SCARD", key)

@@ -61,31 +61,35 @@ def test_a_key_past_its_deadline_is_left_out_of_the_script_call() -> None:
     assert call[2] == 3 + len(written)  # seq, stamps, version, then the sketch keys
 
 
-def test_by_day_merges_hll_weeks_and_months_from_the_days_and_sends_exact_members() -> None:
+def test_by_day_sends_each_days_members_once_with_its_week_and_month_as_targets() -> None:
     days = {(WS, D): {"a", "b"}, (WS, D - timedelta(days=1)): {"c"}, (WS.org, D): {"a"}}
-    starts = {WS: "monday", WS.org: "sunday"}
-    now = 1_780_000_000.0  # 2026-05-28: every key of late 2026 is alive
-    merged = by_day(days, starts, merge=True, retention_days=800, now=now)  # type: ignore[arg-type]
-    ws = merged[WS]
+    grouped = by_day(days, {WS: "monday", WS.org: "sunday"})
+    ws = grouped[WS]
     assert set(ws.sketches) == {day_of(D), day_of(D - timedelta(days=1))}
-    assert sorted(ws.merges[week_of(D)]) == sorted([day_of(D), day_of(D - timedelta(days=1))])
-    assert set(merged[WS.org].merges) == {sunday_week_of(D), month_of(D)}
-    assert merged[WS].days == {D, D - timedelta(days=1)}
-    exact = by_day(days, starts, merge=False, retention_days=800, now=now)  # type: ignore[arg-type]
-    assert exact[WS].merges == {}
-    assert exact[WS].sketches[week_of(D)] == {"a", "b", "c"}
-    assert exact[WS].sketches[month_of(D)] == {"a", "b", "c"}
-    # A day past its deadline is not written; its members reach its week and month directly.
-    late = by_day({(WS, D): {"z"}}, starts, merge=True, retention_days=800,  # type: ignore[arg-type]
-                  now=expire_at(day_of(D), 800) + 1)
-    assert late[WS].sketches[week_of(D)] == {"z"}
-    assert late[WS].merges == {}
+    assert ws.targets[day_of(D)] == (week_of(D), month_of(D))
+    assert grouped[WS.org].targets[day_of(D)] == (sunday_week_of(D), month_of(D))
+    assert ws.days == {D, D - timedelta(days=1)}
 
 
-def test_merges_ride_in_the_last_part_after_every_member() -> None:
+def test_a_day_past_its_deadline_still_reaches_its_week_and_month() -> None:
+    keys = KeySpace("um", "hll")
+    write = by_day({(WS, D): {"z"}}, {WS: "monday"})[WS]
+    now = expire_at(day_of(D), 800) + 1  # the day has gone, its week and month have not
+    call, written = script_call("sha", keys, WS, write, retention_days=800, now=now,
+                                token="t", command="PFADD")
+    assert written == [keys.sketch(WS, p) for p in periods_holding(D)]
+    nkeys = call[2]
+    argv = call[3 + nkeys:]
+    # cmd, token, ttl, 1 slot, 1 member key, 2 targets; slot; 2 target deadlines; then the day:
+    # deadline 0 (not written), 1 member, "z", 2 targets (KEYS 5 and 6).
+    assert argv[3:6] == (1, 1, 2)
+    assert argv[7 + 2 :] == (0, 1, "z", 2, 5, 6)
+
+
+def test_targets_ride_with_every_part_of_their_days_members() -> None:
     write = by_day({(WS, D - timedelta(days=i)): {f"m{i}-{k}" for k in range(30)}
-                    for i in range(5)}, {WS: "monday"}, merge=True, retention_days=800,
-                   now=1_780_000_000.0)[WS]
-    parts = list(write.parts(40))
-    assert all(not p.merges for p in parts[:-1])
-    assert parts[-1].merges == write.merges
+                    for i in range(5)}, {WS: "monday"})[WS]
+    for part in write.parts(40):
+        assert set(part.targets) == set(part.sketches)
+        for day in part.sketches:
+            assert part.targets[day] == write.targets[day]
