@@ -52,6 +52,11 @@ class Prepared:
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
 
+def unexpected_reason(err: BaseException) -> str:
+    """A dead letter's reason for an error no rule anticipated: its type says where to look."""
+    return f"message could not be processed: {type(err).__name__}: {str(err)[:200]}"
+
+
 def parse_records(records: Iterable[Record], rules: Rules, now: datetime) -> Parsed:
     out = Parsed()
     offsets = out.next_offsets
@@ -64,6 +69,12 @@ def parse_records(records: Iterable[Record], rules: Rules, now: datetime) -> Par
             login = parse(record.value)
         except BadMessage as err:
             out.dead.append((record, err.reason))
+            continue
+        except Exception as err:  # noqa: BLE001 - one record must never stop every tenant
+            # Whatever a decoder or a rule raises on hostile input (RecursionError on deep
+            # nesting was one), the record is dead-lettered with the error as its reason; a
+            # restarted consumer would only read it again and fail again.
+            out.dead.append((record, unexpected_reason(err)))
             continue
         if login is None:
             out.filtered += 1

@@ -68,7 +68,9 @@ async def test_logins_are_counted_bad_ones_dead_lettered_others_filtered(
            orjson.dumps({"metric_type": "login", "subject": "", "org_id": "a",
                          "workspace_id": "b", "timestamp": "2026-11-24T00:00:00Z"}),
            orjson.dumps({"metric_type": "login", "subject": "x", "org_id": "a",
-                         "workspace_id": "b", "timestamp": "1999-01-01T00:00:00Z"})]
+                         "workspace_id": "b", "timestamp": "1999-01-01T00:00:00Z"}),
+           # Issue 11: 1,000 levels of nesting (2 KB) made msgspec raise RecursionError.
+           b'{"metric_type": "login", "x": ' + b"[" * 1000 + b"]" * 1000 + b"}"]
     ends = merge_ends(
         await produce(settings.kafka_bootstrap_servers, topic, [e.to_json() for e in events]),
         await produce(settings.kafka_bootstrap_servers, topic, [e.to_json() for e in others]),

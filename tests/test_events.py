@@ -187,3 +187,65 @@ def test_the_fast_path_agrees_with_the_careful_one(
     except BadMessage as err:
         got = err.reason
     assert got == want
+
+
+# Nesting: msgspec recurses up to Python's recursion limit (~1,000 levels) and raises
+# RecursionError, which is no DecodeError; orjson stops at 1,024 levels with a JSONDecodeError.
+# One such message once stopped the consumer for every tenant (issue 11).
+DEEP_RULES = Rules(login_type="login", retention_days=800, max_bytes=1 << 20)
+
+
+def nested(depth: int, kind: str) -> bytes:
+    if kind == "list":
+        return b"[" * depth + b"]" * depth
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+def login_with(extra: bytes) -> bytes:
+    """A valid login whose ignored field ``x`` holds ``extra``."""
+    return msg()[:-1] + b',"x":' + extra + b"}"
+
+
+@pytest.mark.parametrize("kind", ["list", "object"])
+@pytest.mark.parametrize("depth", [500, 1000, 1024, 1025, 5000, 50_000])
+def test_deep_nesting_is_a_verdict_never_another_error(depth: int, kind: str) -> None:
+    """At the top level it is never an object with fields: a bad message. In an ignored field
+    it is ignored as long as a decoder can read it (orjson: 1,024 levels, the object's own
+    level included), and a bad message beyond."""
+    parser = Parser(DEEP_RULES, NOW)
+    with pytest.raises(BadMessage):
+        parser.parse(nested(depth, kind))
+    inside = login_with(nested(depth, kind))
+    if depth + 1 <= 1024:
+        assert parser.parse(inside) == parse(msg(), RULES, NOW)
+    else:
+        with pytest.raises(BadMessage, match="depth limit exceeded"):
+            parser.parse(inside)
+
+
+def test_any_error_parsing_one_record_dead_letters_it_and_the_batch_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defence in depth behind the parser's own rules: an error no rule anticipated (here
+    injected for one value) costs its record, never the batch."""
+    from aiokafka.structs import ConsumerRecord
+
+    from consumer import batch as batch_module
+
+    careful = Parser.parse
+
+    def parse_or_fail(self: Parser, value: bytes | None) -> Login | None:
+        if value == b"poison":
+            raise ZeroDivisionError("injected")
+        return careful(self, value)
+
+    monkeypatch.setattr(batch_module.Parser, "parse", parse_or_fail)
+    values = [msg(), b"poison", login_with(nested(5000, "list")), msg(subject="u2")]
+    records = [ConsumerRecord("t", 0, i, 0, 0, None, v, None, 0, len(v), [])
+               for i, v in enumerate(values)]
+    parsed = batch_module.parse_records(records, DEEP_RULES, NOW)
+    assert [login.subject for login in parsed.logins] == ["member_42", "u2"]
+    assert [(r.offset, reason.split(":")[0]) for r, reason in parsed.dead] == [
+        (1, "message could not be processed"), (2, "value is not valid JSON")]
+    assert "ZeroDivisionError: injected" in parsed.dead[0][1]
+    assert parsed.next_offsets == {batch_module.TopicPartition("t", 0): 4}
