@@ -1,7 +1,7 @@
 """The group consumer: fetch a batch, write it to the store, dead-letter the bad, then commit.
 
 The loop is aiokafka's manual-commit pattern (``getmany`` batches, commit after processing, a
-rebalance listener, ``finally: stop()``), with three additions that make "nothing lost" hold:
+rebalance listener, ``finally: stop()``), with four additions that make "nothing lost" hold:
 
 1. **The store decides where to resume.** After a batch's sketches, the same pipeline records the
    next offset of each partition in Redis (``KeySpace.offsets``). Redis executes and logs one
@@ -22,6 +22,9 @@ rebalance listener, ``finally: stop()``), with three additions that make "nothin
    ``on_partitions_revoked`` also takes, so a rebalance never cuts a batch between its write and
    its commit. A commit that still fails (the group moved on) is logged, not fatal: the new owner
    re-reads from the store's offsets and the adds are idempotent.
+4. **An assignment is positioned before it is read.** Its partitions stay paused until the
+   listener has moved them to the store's offsets, and a batch fetched before a rebalance is
+   dropped unprocessed (see ``GroupConsumer.on_assigned``).
 
 A consumer that stays alive but makes no progress while it has lag (aiokafka #1154) raises
 ``ConsumerStalled`` after ``CONSUMER_STALL_TIMEOUT_S``, so that its supervisor restarts it.
@@ -233,10 +236,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # Wait for the batch in flight: it commits before the partitions move.
         async with self.owner.lock:
+            self.owner.epoch += 1
             log.info("partitions revoked: %s", sorted(str(tp) for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self.owner.seek_to_store_offsets(assigned)
+        await self.owner.on_assigned(assigned)
 
 
 class GroupConsumer:
@@ -255,7 +259,36 @@ class GroupConsumer:
         self.last_progress = time.monotonic()
         self.batches = 0
         self.ready = False
+        # Changes with every revocation and assignment: a batch fetched under an older epoch is
+        # dropped unprocessed (its partitions have been, or will be, positioned again).
+        self.epoch = 0
+        self._listener_failed: Exception | None = None
         self._fault = os.environ.get(FAULT_ENV)
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Position a new assignment at the store's offsets before any of it is processed.
+
+        aiokafka marks the assignment done, and starts resolving positions and fetching, before
+        it calls the rebalance listener; a listener that waits for Redis (a fresh process's
+        first round trips, a Redis Cluster's slot map) would otherwise let the first batch be
+        fetched from Kafka's committed offset, processed, and then rewound to the store's
+        offset and processed again: every dead letter sent twice (issue 11, seen on a
+        3-master cluster). So the partitions are paused before the first await, which is
+        before aiokafka can have fetched anything for them, and resumed once positioned.
+        """
+        consumer = self.consumer
+        assert consumer is not None
+        consumer.pause(*assigned)
+        self.epoch += 1
+        try:
+            await self.seek_to_store_offsets(assigned)
+        except Exception as err:
+            # aiokafka only logs a listener's exception and goes on fetching from wherever it
+            # stands; the loop raises it instead, so a supervisor restarts the consumer.
+            self._listener_failed = err
+            raise
+        still = consumer.assignment()
+        consumer.resume(*(tp for tp in assigned if tp in still))
 
     async def seek_to_store_offsets(self, assigned: set[TopicPartition]) -> None:
         consumer = self.consumer
@@ -340,8 +373,11 @@ class GroupConsumer:
                     timeout_ms=settings.consumer_fetch_timeout_ms,
                     max_records=settings.consumer_max_batch,
                 )
+                epoch = self.epoch
+                if self._listener_failed is not None:
+                    raise self._listener_failed
                 if fetched:
-                    await self._process(consumer, writer, fetched, stop)
+                    await self._process(consumer, writer, fetched, stop, epoch)
                 await self._watch_progress()
         finally:
             self.ready = False
@@ -355,8 +391,16 @@ class GroupConsumer:
         writer: BatchWriter,
         fetched: Mapping[TopicPartition, list[Record]],
         stop: asyncio.Event,
+        epoch: int,
     ) -> None:
         async with self.lock:
+            if epoch != self.epoch:
+                # A rebalance ran between the fetch and here; the new assignment's positions
+                # (the store's offsets) decide what is read, so this batch is read again if
+                # it is still ours.
+                log.info("dropping a batch fetched before a rebalance: %s",
+                         {str(tp): len(batch) for tp, batch in fetched.items()})
+                return
             records = [r for batch in fetched.values() for r in batch]
             parsed = writer.parse(records)
             give_up = self._give_up(stop)
