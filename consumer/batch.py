@@ -32,6 +32,9 @@ Record: TypeAlias = ConsumerRecord[bytes, bytes]
 @dataclass
 class Parsed:
     logins: list[Login] = field(default_factory=list)
+    # The record each login came from (same order), so that a login bucketing fails on can be
+    # dead-lettered with its own bytes.
+    sources: list[Record] = field(default_factory=list)
     dead: list[tuple[Record, str]] = field(default_factory=list)
     filtered: int = 0
     # Next offset to read, per partition: what gets committed once the batch is stored.
@@ -62,6 +65,7 @@ def parse_records(records: Iterable[Record], rules: Rules, now: datetime) -> Par
     offsets = out.next_offsets
     parse = Parser(rules, now).parse
     logins = out.logins
+    sources = out.sources
     last: dict[tuple[str, int], int] = {}
     for record in records:
         last[(record.topic, record.partition)] = record.offset
@@ -80,6 +84,7 @@ def parse_records(records: Iterable[Record], rules: Rules, now: datetime) -> Par
             out.filtered += 1
         else:
             logins.append(login)
+            sources.append(record)
     for (topic, partition), offset in last.items():
         offsets[TopicPartition(topic, partition)] = offset + 1
     return out
@@ -92,23 +97,28 @@ def bucket(
 ) -> Prepared:
     """Group the logins into sketches. ``configs`` must hold every workspace of the batch;
     ``only`` keeps one workspace (a rebuild)."""
-    out = Prepared(dead=parsed.dead, filtered=parsed.filtered, next_offsets=parsed.next_offsets)
+    out = Prepared(
+        dead=list(parsed.dead), filtered=parsed.filtered, next_offsets=parsed.next_offsets
+    )
     per_day: defaultdict[tuple[Workspace, date], set[str]] = defaultdict(set)
-    for login in parsed.logins:
-        ws = login.workspace
-        if only is not None and ws != only:
-            continue
-        config = configs[ws]
-        if config.excluded is not None and config.is_excluded(login.subject):
-            out.excluded += 1
-            continue
-        out.logins += 1
-        moment = login.moment
-        if config.tz is UTC:
-            day = moment.date() if moment.tzinfo is UTC else moment.astimezone(UTC).date()
-        else:
-            day = moment.astimezone(config.tz).date()
-        per_day[(ws, day)].add(login.subject)
+    for i, login in enumerate(parsed.logins):
+        try:
+            ws = login.workspace
+            if only is not None and ws != only:
+                continue
+            config = configs[ws]
+            if config.excluded is not None and config.is_excluded(login.subject):
+                out.excluded += 1
+                continue
+            moment = login.moment
+            if config.tz is UTC:
+                day = moment.date() if moment.tzinfo is UTC else moment.astimezone(UTC).date()
+            else:
+                day = moment.astimezone(config.tz).date()
+            per_day[(ws, day)].add(login.subject)
+            out.logins += 1
+        except Exception as err:  # noqa: BLE001 - one login must never stop every tenant
+            out.dead.append((parsed.sources[i], unexpected_reason(err)))
 
     sketches: defaultdict[tuple[Workspace, Period], set[str]] = defaultdict(set)
     for (ws, d), subjects in per_day.items():

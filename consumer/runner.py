@@ -154,21 +154,22 @@ class BatchWriter:
             ("SET", keys.offsets(tp.topic, tp.partition), offset)
             for tp, offset in parsed.next_offsets.items()
         ] if record_offsets else []
-        # The store's offsets decide where a restart resumes, so they are recorded only once the
-        # batch's dead letters are acknowledged: recorded with the sketches, a crash before the
-        # dead letters went out would skip them for good. (Fault suite: a crash after the store
-        # write loses no dead letter.)
-        if self.dead_letters is not None and parsed.dead:
-            after, deferred = [], offsets
-        else:
-            after, deferred = offsets, []
         token = uuid.uuid4().hex
         timing: list[float] = []
+        deferred: list[tuple[Any, ...]] = []
 
         async def store_batch() -> tuple[Prepared, list[CorruptSketch]]:
             timing[:] = [time.perf_counter()]
             configs = await self.workspace_settings.resolve(parsed.workspaces)
             prepared = bucket(parsed, configs, self.only)
+            # The store's offsets decide where a restart resumes, so they are recorded only once
+            # the batch's dead letters (bucketing may add some) are acknowledged: recorded with
+            # the sketches, a crash before the dead letters went out would skip them for good.
+            # (Fault suite: a crash after the store write loses no dead letter.)
+            if self.dead_letters is not None and prepared.dead:
+                after, deferred[:] = [], offsets
+            else:
+                after, deferred[:] = offsets, []
             # After the sketches, on the same connection: each written workspace gets a new
             # version token (API result caches compare it), then the applied offsets.
             written = {ws for ws, _ in prepared.sketches}

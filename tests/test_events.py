@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumer.events import Login, Parser, Rules, parse
 from sketches.errors import BadMessage
 from sketches.keys import Workspace
+from tests.support.hostile import Case, hostile
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 RULES = Rules(login_type="login", retention_days=800, max_bytes=65536)
@@ -112,6 +113,10 @@ def test_unknown_fields_are_ignored() -> None:
 def test_bad_messages_say_why(value: bytes | None, reason: str) -> None:
     with pytest.raises(BadMessage, match=reason):
         parse(value, RULES, NOW)
+    # The consumer calls the fast path first: it must refuse every one of them too, with the
+    # same reason (a future-dated login once passed it: mutation pass of issue 11).
+    with pytest.raises(BadMessage, match=reason):
+        Parser(RULES, NOW).parse(value)
 
 
 def test_limits_are_inclusive() -> None:
@@ -249,3 +254,57 @@ def test_any_error_parsing_one_record_dead_letters_it_and_the_batch_goes_on(
         (1, "message could not be processed"), (2, "value is not valid JSON")]
     assert "ZeroDivisionError: injected" in parsed.dead[0][1]
     assert parsed.next_offsets == {batch_module.TopicPartition("t", 0): 4}
+
+
+class _Brittle(tzinfo):
+    """A zone whose offset cannot be computed for one minute of the hour: a stand-in for any
+    error bucketing one login may meet."""
+
+    def utcoffset(self, dt: datetime | None) -> timedelta:
+        if dt is not None and dt.minute == 13:
+            raise OverflowError("date value out of range")
+        return timedelta(hours=1)
+
+    def dst(self, dt: datetime | None) -> timedelta:
+        return timedelta(0)
+
+    def tzname(self, dt: datetime | None) -> str:
+        return "Brittle"
+
+
+def test_any_error_bucketing_one_login_dead_letters_its_record_and_the_rest_is_kept() -> None:
+    from aiokafka.structs import ConsumerRecord
+
+    from consumer.batch import bucket, parse_records
+    from sketches.periods import day_of
+    from sketches.workspace_settings import Resolved
+
+    values = [msg(subject="a"), msg(subject="b", timestamp="2026-11-24T08:13:00Z"),
+              b"junk", msg(subject="c")]
+    records = [ConsumerRecord("t", 0, i, 0, 0, None, v, None, 0, len(v), [])
+               for i, v in enumerate(values)]
+    parsed = parse_records(records, RULES, NOW)
+    prepared = bucket(parsed, {Workspace("acme", "ws-1"): Resolved("Brittle", _Brittle())})
+    assert [(r.offset, reason.split(":")[0]) for r, reason in prepared.dead] == [
+        (2, "value is not valid JSON"), (1, "message could not be processed")]
+    assert prepared.logins == 2
+    assert prepared.sketches[(Workspace("acme", "ws-1"), day_of(date(2026, 11, 24)))] == {
+        "a", "c"}
+    assert len(parsed.dead) == 1, "bucketing must not change what parsing found"
+
+
+@settings(max_examples=400,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(hostile())
+def test_hostile_values_get_the_verdict_the_contract_gives_them(case: Case) -> None:
+    """Many more hostile values than the end-to-end test can send: the parser counts exactly the
+    well-formed logins among them and refuses the rest with a BadMessage, never another error."""
+    now = datetime.now(UTC)
+    parser = Parser(DEEP_RULES, now)
+    if case.counted is None:
+        with pytest.raises(BadMessage):
+            parser.parse(case.value)
+        return
+    e = case.counted
+    assert parser.parse(case.value) == Login(Workspace(e.org_id, e.workspace_id), e.subject,
+                                             e.timestamp)
