@@ -43,12 +43,13 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer import metrics
 from consumer.batch import Parsed, Prepared, Record, bucket, parse_records
 from consumer.dlq import MAX_DLQ_REQUEST_BYTES, DeadLetters
 from consumer.events import Rules
+from consumer.fetching import FetchOverBudget, InflateBudget, install, unreadable
 from consumer.settings_cache import SettingsCache
 from sketches.errors import CorruptSketch, StoreUnavailable, UsageMetricsError
 from sketches.keys import Workspace
@@ -62,6 +63,11 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "USAGE_METRICS_FAULT"
 
 Clock = Callable[[], datetime]
+
+FETCH_MAX_BYTES = 16 * 1024 * 1024
+# How long one probe of an unreadable range waits for a fetch, and how often it tries.
+PROBE_TIMEOUT_MS = 500
+PROBE_ATTEMPTS = 20
 
 
 T = TypeVar("T")
@@ -98,7 +104,8 @@ def make_kafka_consumer(settings: Settings, group_id: str | None) -> AIOKafkaCon
         auto_offset_reset="earliest",
         # Room for one oversized message per partition, so it can be dead-lettered.
         max_partition_fetch_bytes=max(1024 * 1024, 2 * settings.max_message_bytes) + 65536,
-        fetch_max_bytes=64 * 1024 * 1024,
+        # What one fetch may hold before it is inflated (consumer.fetching bounds the rest).
+        fetch_max_bytes=FETCH_MAX_BYTES,
         session_timeout_ms=settings.consumer_session_timeout_ms,
         heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
     )
@@ -264,6 +271,12 @@ class GroupConsumer:
         # dropped unprocessed (its partitions have been, or will be, positioned again).
         self.epoch = 0
         self._listener_failed: Exception | None = None
+        # Per assigned partition, where the next batch starts: every record before it has been
+        # handed to processing (None: the earliest retained offset). A failed fetch rewinds
+        # here, because aiokafka drops the records it drained before the failure.
+        self.read_from: dict[TopicPartition, int | None] = {}
+        self.max_records = settings.consumer_max_batch
+        self.budget = InflateBudget(settings.consumer_max_fetch_inflated_bytes)
         self._fault = os.environ.get(FAULT_ENV)
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -282,7 +295,8 @@ class GroupConsumer:
         consumer.pause(*assigned)
         self.epoch += 1
         try:
-            await self.seek_to_store_offsets(assigned)
+            async with self.lock:  # not while a fetch that failed is being read carefully
+                await self.seek_to_store_offsets(assigned)
         except Exception as err:
             # aiokafka only logs a listener's exception and goes on fetching from wherever it
             # stands; the loop raises it instead, so a supervisor restarts the consumer.
@@ -310,6 +324,7 @@ class GroupConsumer:
                 await asyncio.sleep(min(0.1 * 2**attempt, self.settings.redis_retry_max_backoff_s))
         fresh = []
         known: dict[TopicPartition, int] = {}
+        self.read_from = dict(zip(tps, values, strict=True))
         for tp, value in zip(tps, values, strict=True):
             if value is None:
                 fresh.append(tp)
@@ -355,6 +370,7 @@ class GroupConsumer:
         consumer = make_kafka_consumer(settings, settings.kafka_group_id)
         producer = make_dlq_producer(settings)
         self.consumer = consumer
+        install(self.budget)
         writer = BatchWriter(
             settings, self.store, DeadLetters(producer, settings.kafka_dlq_topic),
             self.clock,
@@ -370,11 +386,7 @@ class GroupConsumer:
                 settings.redis_url_redacted(), settings.sketch_mode,
             )
             while not stop.is_set():
-                fetched: Mapping[TopicPartition, list[Record]] = await consumer.getmany(
-                    timeout_ms=settings.consumer_fetch_timeout_ms,
-                    max_records=settings.consumer_max_batch,
-                )
-                epoch = self.epoch
+                fetched, epoch = await self._fetch(consumer, writer, stop)
                 if self._listener_failed is not None:
                     raise self._listener_failed
                 if fetched:
@@ -402,6 +414,9 @@ class GroupConsumer:
                 log.info("dropping a batch fetched before a rebalance: %s",
                          {str(tp): len(batch) for tp, batch in fetched.items()})
                 return
+            for tp, batch in fetched.items():
+                if batch:
+                    self.read_from[tp] = batch[-1].offset + 1
             records = [r for batch in fetched.values() for r in batch]
             parsed = writer.parse(records)
             give_up = self._give_up(stop)
@@ -418,6 +433,138 @@ class GroupConsumer:
             self.last_progress = time.monotonic()
             for tp, lag in (await self.lag()).items():
                 metrics.LAG.labels(tp.topic, str(tp.partition)).set(lag)
+
+    async def _fetch(
+        self, consumer: AIOKafkaConsumer, writer: BatchWriter, stop: asyncio.Event
+    ) -> tuple[Mapping[TopicPartition, list[Record]], int]:
+        """One batch and the epoch it was fetched under. A fetch that would inflate beyond its
+        budget is retried with half the records; one that fails on a record aiokafka cannot
+        read is read again partition by partition, which finds and skips that record."""
+        self.budget.start_fetch()
+        try:
+            fetched: Mapping[TopicPartition, list[Record]] = await consumer.getmany(
+                timeout_ms=self.settings.consumer_fetch_timeout_ms, max_records=self.max_records
+            )
+        except FetchOverBudget as err:
+            async with self.lock:
+                await self._rewind(consumer)
+            self.max_records = max(1, self.max_records // 2)
+            log.warning("%s: fetching %d records at a time", err, self.max_records)
+            return {}, self.epoch
+        except Exception as err:
+            if not unreadable(err):
+                raise
+            return await self._read_carefully(consumer, writer, err, stop)
+        if self.max_records < self.settings.consumer_max_batch:
+            self.max_records = min(self.settings.consumer_max_batch, self.max_records * 2)
+        return fetched, self.epoch
+
+    async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
+        """Back to where the next batch starts, for every partition (caller holds the lock)."""
+        fresh = []
+        for tp in consumer.assignment():
+            if tp not in self.read_from:
+                continue  # not positioned yet: the rebalance listener will do it
+            offset = self.read_from[tp]
+            if offset is None:
+                fresh.append(tp)
+            else:
+                consumer.seek(tp, offset)
+        if fresh:
+            await consumer.seek_to_beginning(*fresh)
+
+    async def _read_carefully(
+        self, consumer: AIOKafkaConsumer, writer: BatchWriter, err: Exception,
+        stop: asyncio.Event,
+    ) -> tuple[Mapping[TopicPartition, list[Record]], int]:
+        """After a fetch failed on a record the client cannot read: each partition one record
+        at a time, so that the readable records before it are processed and the partition that
+        is stuck is found at the unreadable offset itself, where it is skipped."""
+        log.warning("a fetch failed on a record the Kafka client cannot read (%s: %s); "
+                    "reading partition by partition", type(err).__name__, err)
+        async with self.lock:
+            epoch = self.epoch
+            await self._rewind(consumer)
+            out: dict[TopicPartition, list[Record]] = {}
+            for tp in sorted(consumer.assignment()):
+                if tp not in self.read_from:
+                    continue
+                records: list[Record] = []
+                while len(records) < self.settings.consumer_max_batch:
+                    self.budget.start_fetch()
+                    try:
+                        got = await consumer.getmany(
+                            tp, timeout_ms=self.settings.consumer_fetch_timeout_ms,
+                            max_records=1,
+                        )
+                    except Exception as failure:
+                        if not unreadable(failure):
+                            raise
+                        if not records:
+                            await self._skip(consumer, writer, tp, failure, stop)
+                        break  # else: process these first; the next fetch fails right there
+                    if not got:
+                        break
+                    records.extend(got.get(tp, ()))
+                if records:
+                    out[tp] = records
+        return out, epoch
+
+    async def _readable(self, consumer: AIOKafkaConsumer, tp: TopicPartition, at: int) -> bool:
+        """Whether fetching ``tp`` from offset ``at`` hands over a record (or finds the end).
+        A fetch that keeps coming back empty counts as readable: wrongly so, the consumer only
+        meets the unreadable record again and skips from there, whereas the other mistake would
+        skip readable records."""
+        for _ in range(PROBE_ATTEMPTS):
+            consumer.seek(tp, at)
+            self.budget.start_fetch()
+            try:
+                got = await consumer.getmany(tp, timeout_ms=PROBE_TIMEOUT_MS, max_records=1)
+            except Exception as failure:
+                if not unreadable(failure):
+                    raise
+                return False
+            high = consumer.highwater(tp)
+            if got or (high is not None and at >= high):
+                return True
+        return True
+
+    async def _skip(
+        self, consumer: AIOKafkaConsumer, writer: BatchWriter, tp: TopicPartition,
+        err: Exception, stop: asyncio.Event,
+    ) -> None:
+        """Skip the smallest range of offsets from the stuck position past which ``tp`` can be
+        read, dead-letter one valueless record that names the range and the error, and record
+        the new offset. Unreadable offsets fail to fetch up to the end of their batch, so the
+        end is found by doubling the step, then halving the interval."""
+        start = await consumer.position(tp)
+        bad, step = start, 1
+        while not await self._readable(consumer, tp, start + step):
+            bad, step = start + step, step * 2
+        good = start + step
+        while good - bad > 1:
+            mid = (bad + good) // 2
+            if await self._readable(consumer, tp, mid):
+                good = mid
+            else:
+                bad = mid
+        consumer.seek(tp, good)
+        reason = (
+            f"the Kafka client cannot read offsets {start}..{good - 1} of this partition "
+            f"({good - start} offsets, skipped unread): {type(err).__name__}: {str(err)[:300]}"
+        )
+        log.error("skipping %s: %s", tp, reason,
+                  extra={"topic": tp.topic, "partition": tp.partition, "offset": start})
+        marker: Record = ConsumerRecord(
+            tp.topic, tp.partition, start, -1, 0, None, b"", None, -1, 0, []
+        )
+        skipped = Parsed(dead=[(marker, reason)], next_offsets={tp: good})
+        if await writer.write(skipped, record_offsets=True, should_stop=self._give_up(stop)):
+            self.read_from[tp] = good
+            try:
+                await consumer.commit({tp: good})
+            except CommitFailedError as failure:
+                log.warning("commit refused after a rebalance: %s", failure)
 
     def _give_up(self, stop: asyncio.Event) -> Callable[[], bool]:
         """What the writer asks between retries. While a write retries, the loop's own stall

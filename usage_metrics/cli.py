@@ -67,7 +67,7 @@ def _parse_when(text: str) -> datetime:
 
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    from consumer.replay import ReplayStart, replay
+    from consumer.replay import ReplayStart, UnreadableRange, replay
     from usage_metrics.wiring import open_store
 
     if args.from_beginning:
@@ -76,9 +76,13 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
         start = ReplayStart("timestamp", timestamp=args.from_timestamp)
     else:
         start = ReplayStart("offsets", offsets=args.from_offsets)
-    with progress_bar(f"replay {settings.kafka_topic}") as report:
-        async with open_store(settings) as store:
-            stats = await replay(settings, store, start, progress=report)
+    try:
+        with progress_bar(f"replay {settings.kafka_topic}") as report:
+            async with open_store(settings) as store:
+                stats = await replay(settings, store, start, progress=report)
+    except UnreadableRange as err:
+        log.error("%s", err)
+        return 1
     sys.stdout.write(
         f"replayed {stats.messages} messages: {stats.logins} logins, {stats.filtered} filtered, "
         f"{stats.excluded} excluded, {stats.bad} bad (not re-dead-lettered)\n"

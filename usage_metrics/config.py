@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     consumer_fetch_timeout_ms: int = Field(default=500, ge=1)
     # A value larger than this is dead-lettered unread: a login event is a few hundred bytes.
     max_message_bytes: int = Field(default=65_536, ge=256)
+    # Bytes the batches of one fetch may inflate to (consumer.fetching): a compressed batch can
+    # hold thousands of times its size. A batch larger than this alone is skipped unread.
+    consumer_max_fetch_inflated_bytes: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024)
     # Redis write retries back off from 0.1 s up to this many seconds between attempts.
     redis_retry_max_backoff_s: float = Field(default=5.0, gt=0)
     # The consumer reports unhealthy and exits when it makes no progress while lag stays > 0
