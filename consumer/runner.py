@@ -117,6 +117,8 @@ def make_dlq_producer(settings: Settings) -> AIOKafkaProducer:
         acks="all",
         linger_ms=5,
         max_request_size=MAX_DLQ_REQUEST_BYTES,
+        # A multi-megabyte bad value is usually text: compressed, it fits the topic's limit.
+        compression_type="zstd",
     )
 
 

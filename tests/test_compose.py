@@ -9,6 +9,7 @@ Deliberately imports nothing from the project and uses no conftest fixture.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -278,6 +279,15 @@ def test_kafka_init_creates_the_topics_the_consumer_uses(
     wanted = {consumer_env.get("KAFKA_TOPIC", "metrics"), consumer_env.get("KAFKA_DLQ_TOPIC")}
     assert wanted == {"metrics", "metrics.dlq"}, f"consumer topics {wanted}"
     assert wanted <= created, f"kafka-init creates {created}, the consumer uses {wanted}"
+
+    # The dead-letter topic takes what the dead-letter producer may send: consumer/dlq.py
+    # MAX_DLQ_REQUEST_BYTES, hard-coded here as this module imports nothing of the project.
+    [dlq] = [args for args in creates if flag_value(args, "--topic") == "metrics.dlq"]
+    configs = dict(
+        value.partition("=")[::2] for flag, value in itertools.pairwise(dlq)
+        if flag == "--config"
+    )
+    assert configs.get("max.message.bytes") == str(8 * 1024 * 1024), configs
 
 
 # ---------------------------------------------------------------- redis
