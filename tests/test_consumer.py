@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.runner import FAULT_ENV
@@ -96,11 +97,17 @@ async def test_logins_are_counted_bad_ones_dead_lettered_others_filtered(
 
     dead = await read_all(settings.kafka_bootstrap_servers, dlq, expect=len(bad))
     assert sorted(r.value for r in dead) == sorted(bad)  # original bytes, nothing else
+    # Each dead letter names its source record exactly: read the source topic back.
+    sources = {r.value: r for r in await read_to_end(settings.kafka_bootstrap_servers, topic)
+               if r.value in bad}
+    assert len(sources) == len(bad)
     for r in dead:
         headers = dict(r.headers)
+        source = sources[r.value]
         assert headers["dlq.source.topic"] == topic.encode()
         assert headers["dlq.source.partition"] == b"1"
-        assert int(headers["dlq.source.offset"]) >= 0
+        assert headers["dlq.source.offset"] == str(source.offset).encode()
+        assert headers["dlq.source.timestamp"] == str(source.timestamp).encode()
         assert headers["dlq.reason"]
         assert headers["trace"] == b"t-1"
     reasons = {dict(r.headers)["dlq.reason"].decode() for r in dead}
@@ -108,6 +115,46 @@ async def test_logins_are_counted_bad_ones_dead_lettered_others_filtered(
     assert any("not UTF-8" in x for x in reasons)
     assert any("older than the retention" in x for x in reasons)
     assert not any("page_view" in x for x in reasons)
+
+
+async def test_the_offset_record_follows_every_sketch_write_on_the_wire(
+    settings: Settings, store: SketchStore, redis_url: str
+) -> None:
+    """The store's offset record vouches for the sketches written before it: Redis must see it
+    after them (MONITOR shows one connection's commands in the order Redis ran them). An
+    offsets-first mutant once failed only a slow fault test; this one takes a second."""
+    from aiokafka.structs import ConsumerRecord
+
+    from consumer.runner import BatchWriter
+
+    events = synth(200, Workspace("order", "ws"), seed=29)
+    records = [ConsumerRecord(settings.kafka_topic, i % 2, i // 2, 0, 0, None, e.to_json(), None,
+                              0, 0, []) for i, e in enumerate(events)]
+    writer = BatchWriter(settings, store, None)
+    end = f"end-{settings.redis_key_prefix}"
+    seen: list[str] = []
+    watcher = aioredis.Redis.from_url(redis_url)
+    try:
+        async with watcher.monitor() as monitor:
+
+            async def collect() -> None:
+                while end not in (line := (await monitor.next_command())["command"]):
+                    if settings.redis_key_prefix in line:
+                        seen.append(line)
+
+            task = asyncio.create_task(collect())
+            assert await writer.write(writer.parse(records), record_offsets=True) is not None
+            await store.client.echo(end)
+            await asyncio.wait_for(task, 10)
+    finally:
+        await watcher.aclose()
+    record_keys = [store.keys.offsets(settings.kafka_topic, p) for p in (0, 1)]
+    writes = [i for i, line in enumerate(seen) if line.split()[0] in ("PFADD", "SADD")]
+    records_at = [i for i, line in enumerate(seen)
+                  if line.split()[0] == "SET" and any(k in line for k in record_keys)]
+    assert writes, seen[:5]
+    assert len(records_at) == 2, seen
+    assert max(writes) < min(records_at), "an offset record went out before a sketch write"
 
 
 async def test_a_one_megabyte_message_is_dead_lettered_and_the_rest_counted(

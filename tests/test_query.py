@@ -187,3 +187,18 @@ async def test_each_key_gets_its_expiry_once_until_forgotten(
     store.forget_expiries()
     await add_logins(store, [(WS, "c", d)])
     assert await redis_client.expiretime(key) == deadline  # sent again once forgotten
+
+
+async def test_rolling_windows_are_exactly_7_and_30_days_long(store: SketchStore) -> None:
+    """One login counts in the rolling WAU of its day and the 6 after it, and in the rolling MAU
+    of its day and the 29 after it, not a day more or less. Counts of one subject are exact in
+    HLL too, so a 29- or 31-day month window fails in both modes (a mutant of a 29-day window
+    once failed only in exact mode: random data hides one day in HLL's error)."""
+    day = date(2026, 10, 1)
+    await add_logins(store, [(WS, "edge", day)])
+    got = {r["date"]: r for r in await rows(store, WS, day + timedelta(days=35), 40, "rolling")}
+    for k in range(-5, 36):
+        row = got[(day + timedelta(days=k)).isoformat()]
+        assert row["dau"] == (1 if k == 0 else None), (k, row)
+        assert row["wau"] == (1 if 0 <= k <= 6 else None), (k, row)
+        assert row["mau"] == (1 if 0 <= k <= 29 else None), (k, row)
