@@ -202,3 +202,22 @@ async def test_rolling_windows_are_exactly_7_and_30_days_long(store: SketchStore
         assert row["dau"] == (1 if k == 0 else None), (k, row)
         assert row["wau"] == (1 if 0 <= k <= 6 else None), (k, row)
         assert row["mau"] == (1 if 0 <= k <= 29 else None), (k, row)
+
+
+@given(
+    days=st.lists(st.sets(st.integers(0, 12).map(lambda i: b"u%d" % i), max_size=6),
+                  max_size=80),
+    width=st.integers(1, 31),
+)
+def test_exact_sliding_windows_equal_naive_unions_and_keep_only_their_days(
+    days: list[set[bytes]], width: int
+) -> None:
+    from sketches.store import _SlidingDistinct
+
+    skip = min(width - 1, len(days))
+    slide = _SlidingDistinct(width, skip)
+    for today in days:
+        slide.push(today)
+        assert len(slide.recent) <= width  # memory: the window's days, never the whole period
+    want = [len(set().union(*days[max(0, i - width + 1): i + 1])) for i in range(skip, len(days))]
+    assert slide.out == want

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     # refills at RATE_LIMIT_PER_MINUTE; 0 in either turns limiting off.
     rate_limit_per_minute: int = Field(default=600, ge=0)
     rate_limit_burst: int = Field(default=60, ge=0)
+    # Requests are charged by estimated cost (api.ratelimit: a rolling 730-day query costs 92
+    # units of a 30-day calendar query), and a process runs at most this many expensive ones
+    # at once (503 + Retry-After beyond); 0 turns the gate off.
+    api_max_expensive_queries: int = Field(default=4, ge=0)
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
