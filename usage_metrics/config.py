@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -87,11 +87,37 @@ class Settings(BaseSettings):
         return KeySpace(self.redis_key_prefix, self.sketch_mode)
 
     def redis_url_redacted(self) -> str:
-        """The Redis URL without its password, for logs."""
-        parts = urlsplit(self.redis_url.get_secret_value())
-        if parts.password is None:
-            return urlunsplit(parts)
-        netloc = f"{parts.username or ''}:***@{parts.hostname}"
-        if parts.port:
-            netloc += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        """The Redis URL without its credentials, for logs (``redact_url``)."""
+        return redact_url(self.redis_url.get_secret_value())
+
+
+# Query parameters that redis-py reads credentials from (``redis://h/0?password=...``).
+SECRET_QUERY_KEYS = frozenset({"password", "pass", "pwd", "secret", "token"})
+
+
+def redact_url(url: str) -> str:
+    """``url`` with every credential replaced by ``***``, whatever the form: a password in the
+    user info (``redis://:pw@h``, ``redis://user:pw@h``), user info alone (``redis://pw@h``,
+    which some clients read as a password), or a query parameter (``?password=pw``). The host is
+    kept as written (an IPv6 address keeps its brackets); an unparsable URL is hidden whole."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+    query = "&".join(
+        f"{name}=***" if unquote_plus(name).strip().lower() in SECRET_QUERY_KEYS
+        else f"{name}{sep}{value}"
+        for name, sep, value in (pair.partition("=") for pair in parts.query.split("&") if pair)
+    )
+    # Rebuilt by hand: urlunsplit would drop the '//' of an empty netloc (unix:///path).
+    out = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else f"{netloc}{parts.path}"
+    if query:
+        out += f"?{query}"
+    if parts.fragment:
+        out += f"#{parts.fragment}"
+    return out
