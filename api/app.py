@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import dashboard, observability, ratelimit
+from api import dashboard, docs, observability, ratelimit
 from api.auth import Forbidden, TokenVerifier, Unauthenticated
 from api.bodylimit import BodyLimitMiddleware, document_413
 from api.cache import ResultCache
@@ -99,6 +99,9 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
         version="0.1.0",
         summary="Daily, weekly and monthly active users per workspace, live from Kafka logins",
         lifespan=lifespan,
+        # Both would load scripts from a CDN on the dashboard's origin: api.docs serves /docs.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.verifier = TokenVerifier(settings)
@@ -152,6 +155,7 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
 
     app.include_router(router)
     app.include_router(dashboard.router)
+    docs.install(app, settings.api_docs)
     api_metrics = observability.ApiMetrics()
     app.add_api_route("/metrics", api_metrics.endpoint, include_in_schema=False)
     # Innermost: only requests the rate limiter let through have their body read.

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # at once (503 + Retry-After beyond); 0 turns the gate off.
     api_max_expensive_queries: int = Field(default=4, ge=0)
 
+    # Swagger UI at /docs, served from the fastapi-offline package (api.docs), never a CDN.
+    api_docs: bool = True
+
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
