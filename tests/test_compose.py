@@ -435,6 +435,11 @@ def test_api_restarts_and_requires_a_jwt_secret(services: dict[str, dict[str, An
     assert re.fullmatch(r"\$\{JWT_SECRET:\?[^}]+\}", secret), (
         f"JWT_SECRET={secret!r}: must be required from the environment, never a literal"
     )
+    # Tokens are checked for whom and by whom they were issued, not only for their signature.
+    for name in ("JWT_AUDIENCE", "JWT_ISSUER"):
+        value = env_of(api).get(name, "")
+        assert value, f"{name} is not set"
+        assert not value.startswith("${" + name + ":-}"), f"{name}={value!r} may be empty"
 
 
 # ---------------------------------------------------------------- Dockerfile
@@ -513,7 +518,7 @@ def test_docker_compose_config() -> None:
     reason = _docker_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    env = {**os.environ, "JWT_SECRET": "compose-config-test-only"}
+    env = {**os.environ, "JWT_SECRET": "compose-config-test-only-32-bytes-long"}
     result = subprocess.run(
         ["docker", "compose", "-f", str(COMPOSE_FILE), "config", "-q"],
         cwd=ROOT,

@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 
+from pydantic import ValidationError
+
 from usage_metrics.config import Settings
 from usage_metrics.logs import setup_logging
 from usage_metrics.progress import progress_bar
@@ -161,7 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as err:
+        # Refuse to start, naming each setting and the rule, never the value (it may be secret).
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']).upper()}: {e['msg']}"
+            for e in err.errors(include_url=False, include_input=False)
+        )
+        sys.stderr.write(f"usage-metrics: refusing to start, invalid settings: {problems}\n")
+        return 2
     setup_logging(settings)
     if args.command == "consume":
         return asyncio.run(_consume(settings))

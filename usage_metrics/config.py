@@ -10,16 +10,20 @@ from functools import cached_property
 from typing import Literal
 from urllib.parse import unquote_plus, urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sketches.keys import KeySpace
 
 SketchMode = Literal["hll", "exact"]
+MIN_JWT_SECRET_BYTES = 32
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    # An invalid secret must not be echoed in the error that refuses it.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     kafka_bootstrap_servers: str = "localhost:9092"
     kafka_topic: str = "metrics"
@@ -84,6 +88,18 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        # HS256 keys must be at least as long as the hash (RFC 7518, 3.2): a short shared
+        # secret is guessed offline from any one token.
+        if value is not None and len(value.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
+            raise ValueError(
+                f"JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes "
+                "(generate one with `openssl rand -hex 32`)"
+            )
+        return value
 
     @cached_property
     def keyspace(self) -> KeySpace:
