@@ -481,35 +481,39 @@ class GroupConsumer:
     ) -> tuple[Mapping[TopicPartition, list[Record]], int]:
         """After a fetch failed on a record the client cannot read: each partition one record
         at a time, so that the readable records before it are processed and the partition that
-        is stuck is found at the unreadable offset itself, where it is skipped."""
+        is stuck is found at the unreadable offset itself, where it is skipped.
+
+        The lock is held only to move positions and to write, never around ``getmany``: a
+        rebalance makes ``getmany`` wait for the new assignment, whose revocation listener
+        waits for the lock. A rebalance meanwhile (the epoch moves) ends the careful read: the
+        records read are dropped and the listener's positions stand."""
         log.warning("a fetch failed on a record the Kafka client cannot read (%s: %s); "
                     "reading partition by partition", type(err).__name__, err)
         async with self.lock:
             epoch = self.epoch
             await self._rewind(consumer)
-            out: dict[TopicPartition, list[Record]] = {}
-            for tp in sorted(consumer.assignment()):
-                if tp not in self.read_from:
-                    continue
-                records: list[Record] = []
-                while len(records) < self.settings.consumer_max_batch:
-                    self.budget.start_fetch()
-                    try:
-                        got = await consumer.getmany(
-                            tp, timeout_ms=self.settings.consumer_fetch_timeout_ms,
-                            max_records=1,
-                        )
-                    except Exception as failure:
-                        if not unreadable(failure):
-                            raise
-                        if not records:
-                            await self._skip(consumer, writer, tp, failure, stop)
-                        break  # else: process these first; the next fetch fails right there
-                    if not got:
-                        break
-                    records.extend(got.get(tp, ()))
-                if records:
-                    out[tp] = records
+        out: dict[TopicPartition, list[Record]] = {}
+        for tp in sorted(consumer.assignment()):
+            if tp not in self.read_from:
+                continue
+            records: list[Record] = []
+            while len(records) < self.settings.consumer_max_batch and self.epoch == epoch:
+                self.budget.start_fetch()
+                try:
+                    got = await consumer.getmany(
+                        tp, timeout_ms=self.settings.consumer_fetch_timeout_ms, max_records=1
+                    )
+                except Exception as failure:
+                    if not unreadable(failure):
+                        raise
+                    if not records:
+                        await self._skip(consumer, writer, tp, failure, stop, epoch)
+                    break  # else: process these first; the next fetch fails right there
+                if not got:
+                    break
+                records.extend(got.get(tp, ()))
+            if records:
+                out[tp] = records
         return out, epoch
 
     async def _readable(self, consumer: AIOKafkaConsumer, tp: TopicPartition, at: int) -> bool:
@@ -518,6 +522,8 @@ class GroupConsumer:
         meets the unreadable record again and skips from there, whereas the other mistake would
         skip readable records."""
         for _ in range(PROBE_ATTEMPTS):
+            if tp not in consumer.assignment():
+                return True  # a rebalance took it: the caller sees the epoch move
             consumer.seek(tp, at)
             self.budget.start_fetch()
             try:
@@ -533,12 +539,16 @@ class GroupConsumer:
 
     async def _skip(
         self, consumer: AIOKafkaConsumer, writer: BatchWriter, tp: TopicPartition,
-        err: Exception, stop: asyncio.Event,
+        err: Exception, stop: asyncio.Event, epoch: int,
     ) -> None:
         """Skip the smallest range of offsets from the stuck position past which ``tp`` can be
         read, dead-letter one valueless record that names the range and the error, and record
         the new offset. Unreadable offsets fail to fetch up to the end of their batch, so the
-        end is found by doubling the step, then halving the interval."""
+        end is found by doubling the step, then halving the interval. If a rebalance ran
+        meanwhile, nothing is skipped: the positions go back to where the new assignment
+        starts, and the unreadable record is met again."""
+        if tp not in consumer.assignment():
+            return
         start = await consumer.position(tp)
         bad, step = start, 1
         while not await self._readable(consumer, tp, start + step):
@@ -550,23 +560,29 @@ class GroupConsumer:
                 good = mid
             else:
                 bad = mid
-        consumer.seek(tp, good)
-        reason = (
-            f"the Kafka client cannot read offsets {start}..{good - 1} of this partition "
-            f"({good - start} offsets, skipped unread): {type(err).__name__}: {str(err)[:300]}"
-        )
-        log.error("skipping %s: %s", tp, reason,
-                  extra={"topic": tp.topic, "partition": tp.partition, "offset": start})
-        marker: Record = ConsumerRecord(
-            tp.topic, tp.partition, start, -1, 0, None, b"", None, -1, 0, []
-        )
-        skipped = Parsed(dead=[(marker, reason)], next_offsets={tp: good})
-        if await writer.write(skipped, record_offsets=True, should_stop=self._give_up(stop)):
-            self.read_from[tp] = good
-            try:
-                await consumer.commit({tp: good})
-            except CommitFailedError as failure:
-                log.warning("commit refused after a rebalance: %s", failure)
+        async with self.lock:
+            if self.epoch != epoch:
+                await self._rewind(consumer)
+                return
+            consumer.seek(tp, good)
+            reason = (
+                f"the Kafka client cannot read offsets {start}..{good - 1} of this partition "
+                f"({good - start} offsets, skipped unread): {type(err).__name__}: "
+                f"{str(err)[:300]}"
+            )
+            log.error("skipping %s: %s", tp, reason,
+                      extra={"topic": tp.topic, "partition": tp.partition, "offset": start})
+            marker: Record = ConsumerRecord(
+                tp.topic, tp.partition, start, -1, 0, None, b"", None, -1, 0, []
+            )
+            skipped = Parsed(dead=[(marker, reason)], next_offsets={tp: good})
+            if await writer.write(skipped, record_offsets=True,
+                                  should_stop=self._give_up(stop)):
+                self.read_from[tp] = good
+                try:
+                    await consumer.commit({tp: good})
+                except CommitFailedError as failure:
+                    log.warning("commit refused after a rebalance: %s", failure)
 
     def _give_up(self, stop: asyncio.Event) -> Callable[[], bool]:
         """What the writer asks between retries. While a write retries, the loop's own stall
