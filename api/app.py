@@ -19,12 +19,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import dashboard, observability, ratelimit, settings_routes
+from api import dashboard, docs, observability, ratelimit, settings_routes
 from api.auth import Forbidden, TokenVerifier, Unauthenticated
+from api.bodylimit import BodyLimitMiddleware, document_413
 from api.routes import router
 from sketches import hll
 from sketches.errors import CorruptSketch, StoreUnavailable
 from sketches.store import SketchStore
+from sketches.workspace_settings import TooManySettingsWithoutData
 from usage_metrics.config import Settings
 from usage_metrics.wiring import open_store
 
@@ -57,6 +59,30 @@ def _detail(status: int, detail: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+RESPONSE_409: dict[str, Any] = {
+    "description": "The org already has settings for as many workspaces without data as it "
+                   "may (sketches.workspace_settings.MAX_SETTINGS_WITHOUT_DATA)",
+    "content": {"application/json": {
+        "schema": {"type": "object", "properties": {"detail": {"type": "string"}},
+                   "required": ["detail"]},
+    }},
+}
+
+
+def _document_409(app: FastAPI) -> None:
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        for path, operations in schema.get("paths", {}).items():
+            put = operations.get("put") if path.endswith("/settings") else None
+            if isinstance(put, dict):
+                put.setdefault("responses", {}).setdefault("409", RESPONSE_409)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None, store: SketchStore | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -81,6 +107,9 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
         version="0.1.0",
         summary="Daily, weekly and monthly active users per workspace, live from Kafka logins",
         lifespan=lifespan,
+        # Both would load scripts from a CDN on the dashboard's origin: api.docs serves /docs.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.verifier = TokenVerifier(settings)
@@ -108,6 +137,10 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
         return _detail(500, "stored data of this workspace is unreadable; operators see the key "
                             "in the logs")
 
+    @app.exception_handler(TooManySettingsWithoutData)
+    async def _settings_limit(request: Request, exc: TooManySettingsWithoutData) -> JSONResponse:
+        return _detail(409, str(exc))
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         ref = uuid.uuid4().hex[:12]
@@ -130,8 +163,13 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
     app.include_router(router)
     app.include_router(settings_routes.router)
     app.include_router(dashboard.router)
+    docs.install(app, settings.api_docs)
     api_metrics = observability.ApiMetrics()
     app.add_api_route("/metrics", api_metrics.endpoint, include_in_schema=False)
+    # Innermost: only requests the rate limiter let through have their body read.
+    app.add_middleware(BodyLimitMiddleware, verifier=app.state.verifier)
+    document_413(app)
+    _document_409(app)
     # Inside the observability middleware, so that a 429 gets a request id and is counted.
     ratelimit.install(app, settings, app.state.verifier)
     app.add_middleware(observability.ObservabilityMiddleware, metrics=api_metrics)

@@ -17,6 +17,24 @@
   dropped, which only ever forgives a caller, never blocks one that did nothing.
 
 Health, readiness, metrics and dashboard files are never limited: probes must always answer.
+
+**Charged by cost** (issue 11). A request takes as many tokens as its estimated cost, read from
+the query string before anything else runs (``usage_cost``), in *units*: one unit is a 30-day
+calendar query. The model counts sketch reads, the unit of Redis and Python work: a calendar
+query counts one day key per row plus every week and month key back to the retention horizon
+(the forward fill; about 142 at 800 days), a rolling one also reads and merges the sketch of
+every day of its rows and of the 29 days before them, which costs about ``ROLLING_DAY_WEIGHT``
+(20) counts each (a 12 KB copy, decoding and two windows of histograms). So a 730-day rolling
+query costs 92 units, a 365-day calendar one 2.9, a 30-day calendar one 1 (every request at
+least 1). A cost above the burst takes the whole burst: such a query needs a full bucket.
+Other ``/api/`` requests cost 1.
+
+**Bounded per process.** A token bucket bounds each caller's rate, not what all callers together
+run at once; a rolling query of a large workspace holds tens of megabytes while it runs (in
+exact mode, the members of the days it reads). So queries of ``EXPENSIVE_UNITS`` or more
+(rolling ones over about 55 days) also need one of ``API_MAX_EXPENSIVE_QUERIES`` slots of the
+process (``ExpensiveQueryGate``); when all are taken the answer is ``503`` with ``Retry-After``
+at once: nothing queues.
 """
 
 from __future__ import annotations
@@ -26,6 +44,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI
 from starlette.responses import JSONResponse
@@ -36,6 +55,15 @@ from usage_metrics.config import Settings
 
 LIMITED_PREFIX = "/api/"
 MAX_CALLERS = 100_000
+
+USAGE_PREFIX = "/api/v2/org/"
+USAGE_SUFFIX = "/metrics/usage"
+# The cost model (module docstring), in sketch counts; a unit is a 30-day calendar query.
+ROLLING_DAY_WEIGHT = 20
+ROLLING_LEAD_DAYS = 29
+DEFAULT_PERIOD_LENGTH = 365
+EXPENSIVE_UNITS = 10.0
+GATE_RETRY_AFTER_S = 1
 
 _AUTHORIZATION = b"authorization"
 
@@ -63,7 +91,9 @@ class TokenBuckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, key: Hashable) -> float:
+    def take(self, key: Hashable, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens (at most the burst: a dearer request needs a full bucket)."""
+        cost = min(cost, self.burst)
         now = self.clock()
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -75,10 +105,82 @@ class TokenBuckets:
             self._buckets.move_to_end(key)
             bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
             bucket[1] = now
-        if bucket[0] >= 1.0:
-            bucket[0] -= 1.0
+        if bucket[0] >= cost:
+            bucket[0] -= cost
             return 0.0
-        return (1.0 - bucket[0]) / self.rate
+        return (cost - bucket[0]) / self.rate
+
+
+class CostModel:
+    """The estimated cost of a request, in units of a 30-day calendar query (module docstring).
+    Reads only the path and the query string: a request that would be refused as invalid is
+    charged what it asks for, and is then answered 422 by the route."""
+
+    def __init__(self, retention_days: int, max_period_length: int) -> None:
+        self.max_rows = max_period_length + 1
+        # Week and month keys back to the retention horizon, counted by every calendar query.
+        self.fill = retention_days / 7 + retention_days / 30
+        self.unit = self._calendar(31)
+
+    def _calendar(self, rows: int) -> float:
+        return rows + self.fill
+
+    def _rolling(self, rows: int) -> float:
+        return rows + (rows + ROLLING_LEAD_DAYS) * ROLLING_DAY_WEIGHT
+
+    def cost(self, scope: Scope) -> float:
+        path = str(scope.get("path", ""))
+        if not (path.startswith(USAGE_PREFIX) and path.endswith(USAGE_SUFFIX)):
+            return 1.0
+        try:
+            query = parse_qsl(scope.get("query_string", b"").decode("latin-1"),
+                              keep_blank_values=True, max_num_fields=64)
+        except ValueError:
+            return 1.0  # too many fields: the route refuses it
+        rows = DEFAULT_PERIOD_LENGTH + 1
+        rolling = False
+        metrics: set[str] = set()
+        for name, value in query:
+            if name == "period_length" and value.isdigit() and len(value) < 8:
+                rows = min(int(value) + 1, self.max_rows)
+            elif name == "window":
+                rolling = value == "rolling"
+            elif name == "metrics":
+                metrics.update(m.strip().lower() for m in value.split(","))
+        windows = not (metrics - {""}) or bool(metrics & {"wau", "mau"})
+        counts = self._rolling(rows) if rolling and windows else self._calendar(rows)
+        return max(1.0, counts / self.unit)
+
+
+class ExpensiveQueryGate:
+    """At most ``limit`` expensive requests of one process at a time; the next one is refused
+    with 503 and ``Retry-After`` at once (pure ASGI, around the whole request)."""
+
+    def __init__(self, app: ASGIApp, model: CostModel, limit: int,
+                 threshold: float = EXPENSIVE_UNITS) -> None:
+        self.app = app
+        self.model = model
+        self.limit = limit
+        self.threshold = threshold
+        self.running = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.model.cost(scope) < self.threshold:
+            await self.app(scope, receive, send)
+            return
+        if self.running >= self.limit:
+            busy = JSONResponse(
+                {"detail": f"{self.limit} expensive queries already run in this process: "
+                           f"retry in {GATE_RETRY_AFTER_S} s"},
+                status_code=503, headers={"Retry-After": str(GATE_RETRY_AFTER_S)},
+            )
+            await busy(scope, receive, send)
+            return
+        self.running += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.running -= 1
 
 
 def retry_after(seconds: float) -> int:
@@ -91,11 +193,12 @@ class RateLimitMiddleware:
 
     def __init__(
         self, app: ASGIApp, buckets: TokenBuckets, verifier: TokenVerifier,
-        prefix: str = LIMITED_PREFIX,
+        model: CostModel | None = None, prefix: str = LIMITED_PREFIX,
     ) -> None:
         self.app = app
         self.buckets = buckets
         self.verifier = verifier
+        self.model = model
         self.prefix = prefix
 
     def caller(self, scope: Scope) -> Hashable:
@@ -117,7 +220,8 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or not str(scope.get("path", "")).startswith(self.prefix):
             await self.app(scope, receive, send)
             return
-        wait = self.buckets.take(self.caller(scope))
+        cost = 1.0 if self.model is None else self.model.cost(scope)
+        wait = self.buckets.take(self.caller(scope), cost)
         if wait <= 0:
             await self.app(scope, receive, send)
             return
@@ -172,10 +276,16 @@ def _document_429(app: FastAPI, prefix: str) -> None:
 
 
 def install(app: FastAPI, settings: Settings, verifier: TokenVerifier) -> None:
-    """Limit ``app``'s ``/api/`` routes as the settings say (nothing when disabled)."""
+    """Limit ``app``'s ``/api/`` routes as the settings say: the expensive-query gate unless
+    ``API_MAX_EXPENSIVE_QUERIES`` is 0, the token buckets unless the rate settings are."""
+    model = CostModel(settings.retention_days, settings.max_period_length)
+    app.state.cost_model = model
+    if settings.api_max_expensive_queries > 0:
+        app.add_middleware(ExpensiveQueryGate, model=model,
+                           limit=settings.api_max_expensive_queries)
     if settings.rate_limit_per_minute <= 0 or settings.rate_limit_burst <= 0:
         return
     buckets = TokenBuckets(settings.rate_limit_per_minute, settings.rate_limit_burst)
     app.state.rate_limits = buckets
-    app.add_middleware(RateLimitMiddleware, buckets=buckets, verifier=verifier)
+    app.add_middleware(RateLimitMiddleware, buckets=buckets, verifier=verifier, model=model)
     _document_429(app, LIMITED_PREFIX)

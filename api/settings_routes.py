@@ -137,6 +137,8 @@ async def patch(
     # The fields are independent, so a patch valid over the defaults is valid over any stored
     # value: checked first, an invalid body is a 422 without a store round trip (or a 503).
     merged(defaults, changes, defaults)
+    if not scope.is_org:  # bounded like PUT: settings of workspaces with no data are counted
+        await ws_settings.admit(store.client, store.keys, scope)
     for _ in range(PATCH_ATTEMPTS):
         raw = await read_raw(store, scope)
         current = decode(raw)

@@ -34,6 +34,9 @@ Record: TypeAlias = ConsumerRecord[bytes, bytes]
 @dataclass
 class Parsed:
     logins: list[Login] = field(default_factory=list)
+    # The record each login came from (same order), so that a login bucketing fails on can be
+    # dead-lettered with its own bytes.
+    sources: list[Record] = field(default_factory=list)
     dead: list[tuple[Record, str]] = field(default_factory=list)
     filtered: int = 0
     # Next offset to read, per partition: what gets committed once the batch is stored.
@@ -72,11 +75,17 @@ class Prepared:
         return dict(out)
 
 
+def unexpected_reason(err: BaseException) -> str:
+    """A dead letter's reason for an error no rule anticipated: its type says where to look."""
+    return f"message could not be processed: {type(err).__name__}: {str(err)[:200]}"
+
+
 def parse_records(records: Iterable[Record], rules: Rules, now: datetime) -> Parsed:
     out = Parsed()
     offsets = out.next_offsets
     parse = Parser(rules, now).parse
     logins = out.logins
+    sources = out.sources
     last: dict[tuple[str, int], int] = {}
     for record in records:
         last[(record.topic, record.partition)] = record.offset
@@ -85,10 +94,17 @@ def parse_records(records: Iterable[Record], rules: Rules, now: datetime) -> Par
         except BadMessage as err:
             out.dead.append((record, err.reason))
             continue
+        except Exception as err:  # noqa: BLE001 - one record must never stop every tenant
+            # Whatever a decoder or a rule raises on hostile input (RecursionError on deep
+            # nesting was one), the record is dead-lettered with the error as its reason; a
+            # restarted consumer would only read it again and fail again.
+            out.dead.append((record, unexpected_reason(err)))
+            continue
         if login is None:
             out.filtered += 1
         else:
             logins.append(login)
+            sources.append(record)
     for (topic, partition), offset in last.items():
         offsets[TopicPartition(topic, partition)] = offset + 1
     return out
@@ -107,38 +123,43 @@ def bucket(
 ) -> Prepared:
     """Group the logins into sketches of their workspace and of their org. ``configs`` must hold
     every scope of ``parsed.scopes``; ``only`` keeps one scope (a rebuild): a workspace alone, or
-    an org's own sketches alone (from every workspace of the org)."""
-    out = Prepared(dead=parsed.dead, filtered=parsed.filtered, next_offsets=parsed.next_offsets)
+    an org's own sketches alone (from every workspace of the org). A login that fails here (a
+    moment a timezone cannot hold, say) is dead-lettered alone."""
+    out = Prepared(
+        dead=list(parsed.dead), filtered=parsed.filtered, next_offsets=parsed.next_offsets
+    )
     per_day: defaultdict[tuple[Workspace, date], set[str]] = defaultdict(set)
     # What each workspace of the batch needs, looked up once per workspace, not per login.
     plans: dict[Workspace, tuple[Workspace, Resolved, tzinfo, bool, bool] | None] = {}
     excluded = counted = 0
-    for login in parsed.logins:
-        ws = login.workspace
+    for i, login in enumerate(parsed.logins):
         try:
-            plan = plans[ws]
-        except KeyError:
-            org = ws.org
-            mine, theirs = only is None or only == ws, only is None or only == org
-            plan = plans[ws] = (
-                (org, configs[ws], configs[org].tz, mine, theirs) if mine or theirs else None
-            )
-        if plan is None:
-            continue
-        org, config, org_tz, mine, theirs = plan
-        subject = login.subject
-        if config.excluded is not None and config.is_excluded(subject):
-            excluded += 1
-            continue
-        counted += 1
-        moment = login.moment
-        day = _local_date(moment, config.tz)
-        if mine:
-            per_day[(ws, day)].add(subject)
-        if theirs:
-            per_day[(org, day if org_tz is config.tz else _local_date(moment, org_tz))].add(
-                subject
-            )
+            ws = login.workspace
+            try:
+                plan = plans[ws]
+            except KeyError:
+                org = ws.org
+                mine, theirs = only is None or only == ws, only is None or only == org
+                plan = plans[ws] = (
+                    (org, configs[ws], configs[org].tz, mine, theirs) if mine or theirs else None
+                )
+            if plan is None:
+                continue
+            org, config, org_tz, mine, theirs = plan
+            subject = login.subject
+            if config.excluded is not None and config.is_excluded(subject):
+                excluded += 1
+                continue
+            moment = login.moment
+            day = _local_date(moment, config.tz)
+            org_day = day if org_tz is config.tz else _local_date(moment, org_tz)
+            if mine:
+                per_day[(ws, day)].add(subject)
+            if theirs:
+                per_day[(org, org_day)].add(subject)
+            counted += 1
+        except Exception as err:  # noqa: BLE001 - one login must never stop every tenant
+            out.dead.append((parsed.sources[i], unexpected_reason(err)))
     out.excluded = excluded
     out.logins = counted
 

@@ -151,7 +151,10 @@ class Parser:
         if value is not None and len(value) <= rules.max_bytes:
             try:
                 ev = _FAST_DECODER.decode(value)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
+                # msgspec recurses on the C stack up to Python's recursion limit, so ~1,000
+                # levels of nesting (even in an ignored field) raise RecursionError, not
+                # DecodeError; orjson has its own fixed limit (1,024) and gives the verdict.
                 pass
             else:
                 if ev.metric_type != rules.login_type:

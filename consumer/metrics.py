@@ -26,3 +26,7 @@ REDIS_ERRORS = Counter(
 CORRUPT_KEYS = Counter(
     "usage_metrics_corrupt_keys_total", "Sketch keys that could not be updated (wrong type)"
 )
+DEAD_LETTERS_UNDELIVERABLE = Counter(
+    "usage_metrics_dead_letters_undeliverable",
+    "Dead letters the broker refused as too large in every form (logged with the source offset)",
+)

@@ -24,7 +24,9 @@ from typing import Literal
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
+from consumer.fetching import FetchOverBudget, InflateBudget, install, unreadable
 from consumer.runner import BatchWriter, Clock, make_kafka_consumer, utc_now
+from sketches.errors import UsageMetricsError
 from sketches.keys import Workspace
 from sketches.store import SketchStore
 from usage_metrics.config import Settings
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 
 StartKind = Literal["beginning", "timestamp", "offsets"]
 Progress = Callable[[int, int], None]
+
+
+class UnreadableRange(UsageMetricsError):
+    """The topic holds a record the Kafka client cannot decode: replay stops there."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,12 @@ async def replay(
         total = sum(max(0, stop_at[tp] - first[tp]) for tp in tps)
         writer = BatchWriter(settings, store, None, clock, only)
         done = 0
+        budget = InflateBudget(settings.consumer_max_fetch_inflated_bytes)
+        install(budget)
+        # Where each partition's next record is: a fetch that fails has drained (and dropped)
+        # records of other partitions, so it is retried from here.
+        next_offset = dict(first)
+        max_records = settings.consumer_max_batch
 
         async def finished() -> bool:
             for tp in tps:
@@ -125,9 +137,27 @@ async def replay(
             return True
 
         while not await finished():
-            fetched = await consumer.getmany(
-                timeout_ms=500, max_records=settings.consumer_max_batch
-            )
+            budget.start_fetch()
+            try:
+                fetched = await consumer.getmany(timeout_ms=500, max_records=max_records)
+            except FetchOverBudget:
+                for tp, offset in next_offset.items():
+                    consumer.seek(tp, offset)
+                max_records = max(1, max_records // 2)
+                continue
+            except Exception as err:
+                if not unreadable(err):
+                    raise
+                raise UnreadableRange(
+                    f"the Kafka client cannot read a record of {settings.kafka_topic} after "
+                    f"{ {tp.partition: o for tp, o in next_offset.items()} } "
+                    f"({type(err).__name__}: {err}); the live consumer skips such records and "
+                    "names them in a dead letter: replay --from-offsets past them"
+                ) from err
+            max_records = min(settings.consumer_max_batch, max_records * 2)
+            for tp, batch in fetched.items():
+                if batch:
+                    next_offset[tp] = batch[-1].offset + 1
             for tp in fetched:
                 high = consumer.highwater(tp)
                 if tp not in hw_seen and high is not None:

@@ -134,6 +134,11 @@ class KeySpace:
         """
         return f"{self.prefix}:offsets:{self.mode}:{{{encode_id(topic)}:{partition}}}"
 
+    def settings_without_data(self, org_id: str) -> str:
+        """The workspaces of one org that have settings but no data yet: a set, bounded per org
+        (``sketches.workspace_settings.save``), hash-tagged by the org."""
+        return f"{self.prefix}:settings-without-data:{{{encode_id(org_id)}}}"
+
     def parse_workspace(self, key: str) -> Workspace:
         """The workspace of one of this keyspace's workspace keys (inverse of hash_tag)."""
         head = f"{self.prefix}:{{"

@@ -69,7 +69,7 @@ import functools
 import hashlib
 import itertools
 import time as time_module
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Collection, Mapping, Sequence
 from datetime import date
 from typing import Any, Literal, TypeAlias
@@ -581,31 +581,52 @@ class ExactStore(SketchStore):
     async def rolling_and_daily(
         self, ws: Workspace, first: date, last: date, widths: Sequence[int]
     ) -> tuple[list[int], dict[int, list[int]]]:
+        """Days are read ``EXACT_READ_DAYS`` at a time and only the widest window's days are
+        kept, so a 730-day query holds about two months of members, not two years of them."""
         if last < first:
             return [], {w: [] for w in widths}
         lead = max(widths, default=1) - 1
         days = date_range(first - lead * ONE_DAY, last)
-        members: list[set[bytes]] = [set(v or ()) for v in await self.day_values(ws, days)]
-        daily = [len(m) for m in members[lead:]]
-        return daily, {w: _sliding_distinct(members, w, lead) for w in widths}
+        slides = {w: _SlidingDistinct(w, lead) for w in widths}
+        daily: list[int] = []
+        for i in range(0, len(days), EXACT_READ_DAYS):
+            for value in await self.day_values(ws, days[i : i + EXACT_READ_DAYS]):
+                today = set(value or ())
+                daily.append(len(today))
+                for slide in slides.values():
+                    slide.push(today)
+        return daily[lead:], {w: slides[w].out for w in widths}
 
 
-def _sliding_distinct(members: Sequence[set[bytes]], width: int, skip: int) -> list[int]:
+EXACT_READ_DAYS = 31
+
+
+class _SlidingDistinct:
     """Distinct members of each ``width`` consecutive days ending at days ``skip..``: a multiset
-    slides over the days, so the cost is one pass over the members, not one union per day."""
-    window: Counter[bytes] = Counter()
-    out: list[int] = []
-    for i, today in enumerate(members):
+    slides over the days, so the cost is one pass over the members, not one union per day, and
+    only the last ``width`` days are kept."""
+
+    def __init__(self, width: int, skip: int) -> None:
+        self.width = width
+        self.skip = skip
+        self.window: Counter[bytes] = Counter()
+        self.recent: deque[set[bytes]] = deque()
+        self.seen = 0
+        self.out: list[int] = []
+
+    def push(self, today: set[bytes]) -> None:
+        window = self.window
         window.update(today)
-        if i >= width:
-            leaving = members[i - width]
+        self.recent.append(today)
+        if len(self.recent) > self.width:
+            leaving = self.recent.popleft()
             window.subtract(leaving)
             for m in leaving:
                 if window[m] <= 0:
                     del window[m]
-        if i >= skip:
-            out.append(len(window))
-    return out
+        if self.seen >= self.skip:
+            self.out.append(len(window))
+        self.seen += 1
 
 
 def make_store(

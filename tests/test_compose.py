@@ -9,6 +9,7 @@ Deliberately imports nothing from the project and uses no conftest fixture.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -279,6 +280,15 @@ def test_kafka_init_creates_the_topics_the_consumer_uses(
     assert wanted == {"metrics", "metrics.dlq"}, f"consumer topics {wanted}"
     assert wanted <= created, f"kafka-init creates {created}, the consumer uses {wanted}"
 
+    # The dead-letter topic takes what the dead-letter producer may send: consumer/dlq.py
+    # MAX_DLQ_REQUEST_BYTES, hard-coded here as this module imports nothing of the project.
+    [dlq] = [args for args in creates if flag_value(args, "--topic") == "metrics.dlq"]
+    configs = dict(
+        value.partition("=")[::2] for flag, value in itertools.pairwise(dlq)
+        if flag == "--config"
+    )
+    assert configs.get("max.message.bytes") == str(8 * 1024 * 1024), configs
+
 
 # ---------------------------------------------------------------- redis
 
@@ -425,6 +435,11 @@ def test_api_restarts_and_requires_a_jwt_secret(services: dict[str, dict[str, An
     assert re.fullmatch(r"\$\{JWT_SECRET:\?[^}]+\}", secret), (
         f"JWT_SECRET={secret!r}: must be required from the environment, never a literal"
     )
+    # Tokens are checked for whom and by whom they were issued, not only for their signature.
+    for name in ("JWT_AUDIENCE", "JWT_ISSUER"):
+        value = env_of(api).get(name, "")
+        assert value, f"{name} is not set"
+        assert not value.startswith("${" + name + ":-}"), f"{name}={value!r} may be empty"
 
 
 # ---------------------------------------------------------------- Dockerfile
@@ -503,7 +518,7 @@ def test_docker_compose_config() -> None:
     reason = _docker_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    env = {**os.environ, "JWT_SECRET": "compose-config-test-only"}
+    env = {**os.environ, "JWT_SECRET": "compose-config-test-only-32-bytes-long"}
     result = subprocess.run(
         ["docker", "compose", "-f", str(COMPOSE_FILE), "config", "-q"],
         cwd=ROOT,

@@ -641,3 +641,48 @@ async def test_dashboard_shows_a_whole_org(
     await page.click("#change-token")
     assert await submit(page, ws="", token_value=token("admin", "globex", settings)) == "error"
     assert "another org" in await page.inner_text("#error-detail")
+
+
+# ---------------------------------------------------------------- /docs
+
+
+async def test_docs_are_served_from_the_package_under_a_tight_csp(settings: Settings) -> None:
+    """Issue 11: FastAPI's /docs and /redoc loaded Swagger UI from a CDN, on the origin where
+    the dashboard keeps its token."""
+    transport = httpx.ASGITransport(app=create_app(settings))
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
+        docs = await c.get("/docs")
+        assert docs.status_code == 200
+        csp = docs.headers["content-security-policy"]
+        assert "script-src 'self';" in csp
+        assert "connect-src 'self';" in csp
+        assert "unsafe-inline" not in csp
+        assert "http" not in docs.text  # no absolute URL: nothing from another origin
+        assert "<script>" not in docs.text  # no inline script
+        for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "init.js"):
+            r = await c.get(f"/docs/static/{asset}")
+            assert r.status_code == 200, asset
+        for bad in ("../app.py", "redoc.standalone.js", "core.py"):
+            assert (await c.get(f"/docs/static/{bad}")).status_code == 404, bad
+        assert (await c.get("/redoc")).status_code == 404
+    off = create_app(settings.model_copy(update={"api_docs": False}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=off),
+                                 base_url="http://api") as c:
+        assert (await c.get("/docs")).status_code == 404
+        assert (await c.get("/openapi.json")).status_code == 200
+
+
+async def test_docs_render_in_a_browser_from_this_origin_only(server: str, page: Any) -> None:
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    await page.goto(server + "/docs")
+    await page.wait_for_selector(".swagger-ui .info .title")
+    assert "usage-metrics" in await page.inner_text(".swagger-ui .info .title")
+    paths = page.locator(".opblock-summary-path")
+    await paths.first.wait_for()
+    assert "/api/v2/org/{org_id}/workspace/{workspace_id}/metrics/usage" in [
+        (await paths.nth(i).inner_text()).replace("\u200b", "") for i in range(await paths.count())
+    ]
+    assert requested
+    foreign = [u for u in requested if not (u.startswith(server) or u.startswith("data:"))]
+    assert foreign == []  # and the page fixture asserts no CSP violation was reported

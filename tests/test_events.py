@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumer.events import Login, Parser, Rules, parse
 from sketches.errors import BadMessage
 from sketches.keys import Workspace
+from tests.support.hostile import Case, hostile
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 RULES = Rules(login_type="login", retention_days=800, max_bytes=65536)
@@ -112,6 +113,10 @@ def test_unknown_fields_are_ignored() -> None:
 def test_bad_messages_say_why(value: bytes | None, reason: str) -> None:
     with pytest.raises(BadMessage, match=reason):
         parse(value, RULES, NOW)
+    # The consumer calls the fast path first: it must refuse every one of them too, with the
+    # same reason (a future-dated login once passed it: mutation pass of issue 11).
+    with pytest.raises(BadMessage, match=reason):
+        Parser(RULES, NOW).parse(value)
 
 
 def test_limits_are_inclusive() -> None:
@@ -187,3 +192,121 @@ def test_the_fast_path_agrees_with_the_careful_one(
     except BadMessage as err:
         got = err.reason
     assert got == want
+
+
+# Nesting: msgspec recurses up to Python's recursion limit (~1,000 levels) and raises
+# RecursionError, which is no DecodeError; orjson stops at 1,024 levels with a JSONDecodeError.
+# One such message once stopped the consumer for every tenant (issue 11).
+DEEP_RULES = Rules(login_type="login", retention_days=800, max_bytes=1 << 20)
+
+
+def nested(depth: int, kind: str) -> bytes:
+    if kind == "list":
+        return b"[" * depth + b"]" * depth
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+def login_with(extra: bytes) -> bytes:
+    """A valid login whose ignored field ``x`` holds ``extra``."""
+    return msg()[:-1] + b',"x":' + extra + b"}"
+
+
+@pytest.mark.parametrize("kind", ["list", "object"])
+@pytest.mark.parametrize("depth", [500, 1000, 1024, 1025, 5000, 50_000])
+def test_deep_nesting_is_a_verdict_never_another_error(depth: int, kind: str) -> None:
+    """At the top level it is never an object with fields: a bad message. In an ignored field
+    it is ignored as long as a decoder can read it (orjson: 1,024 levels, the object's own
+    level included), and a bad message beyond."""
+    parser = Parser(DEEP_RULES, NOW)
+    with pytest.raises(BadMessage):
+        parser.parse(nested(depth, kind))
+    inside = login_with(nested(depth, kind))
+    if depth + 1 <= 1024:
+        assert parser.parse(inside) == parse(msg(), RULES, NOW)
+    else:
+        with pytest.raises(BadMessage, match="depth limit exceeded"):
+            parser.parse(inside)
+
+
+def test_any_error_parsing_one_record_dead_letters_it_and_the_batch_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defence in depth behind the parser's own rules: an error no rule anticipated (here
+    injected for one value) costs its record, never the batch."""
+    from aiokafka.structs import ConsumerRecord
+
+    from consumer import batch as batch_module
+
+    careful = Parser.parse
+
+    def parse_or_fail(self: Parser, value: bytes | None) -> Login | None:
+        if value == b"poison":
+            raise ZeroDivisionError("injected")
+        return careful(self, value)
+
+    monkeypatch.setattr(batch_module.Parser, "parse", parse_or_fail)
+    values = [msg(), b"poison", login_with(nested(5000, "list")), msg(subject="u2")]
+    records = [ConsumerRecord("t", 0, i, 0, 0, None, v, None, 0, len(v), [])
+               for i, v in enumerate(values)]
+    parsed = batch_module.parse_records(records, DEEP_RULES, NOW)
+    assert [login.subject for login in parsed.logins] == ["member_42", "u2"]
+    assert [(r.offset, reason.split(":")[0]) for r, reason in parsed.dead] == [
+        (1, "message could not be processed"), (2, "value is not valid JSON")]
+    assert "ZeroDivisionError: injected" in parsed.dead[0][1]
+    assert parsed.next_offsets == {batch_module.TopicPartition("t", 0): 4}
+
+
+class _Brittle(tzinfo):
+    """A zone whose offset cannot be computed for one minute of the hour: a stand-in for any
+    error bucketing one login may meet."""
+
+    def utcoffset(self, dt: datetime | None) -> timedelta:
+        if dt is not None and dt.minute == 13:
+            raise OverflowError("date value out of range")
+        return timedelta(hours=1)
+
+    def dst(self, dt: datetime | None) -> timedelta:
+        return timedelta(0)
+
+    def tzname(self, dt: datetime | None) -> str:
+        return "Brittle"
+
+
+def test_any_error_bucketing_one_login_dead_letters_its_record_and_the_rest_is_kept() -> None:
+    from aiokafka.structs import ConsumerRecord
+
+    from consumer.batch import bucket, parse_records
+    from sketches.periods import day_of
+    from sketches.workspace_settings import Resolved
+
+    values = [msg(subject="a"), msg(subject="b", timestamp="2026-11-24T08:13:00Z"),
+              b"junk", msg(subject="c")]
+    records = [ConsumerRecord("t", 0, i, 0, 0, None, v, None, 0, len(v), [])
+               for i, v in enumerate(values)]
+    parsed = parse_records(records, RULES, NOW)
+    ws = Workspace("acme", "ws-1")
+    # bucketing needs the settings of every workspace of the batch and of its org
+    prepared = bucket(parsed, {ws: Resolved("Brittle", _Brittle()), ws.org: Resolved("UTC", UTC)})
+    assert [(r.offset, reason.split(":")[0]) for r, reason in prepared.dead] == [
+        (2, "value is not valid JSON"), (1, "message could not be processed")]
+    assert prepared.logins == 2
+    assert prepared.sketches[(Workspace("acme", "ws-1"), day_of(date(2026, 11, 24)))] == {
+        "a", "c"}
+    assert len(parsed.dead) == 1, "bucketing must not change what parsing found"
+
+
+@settings(max_examples=400,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(hostile())
+def test_hostile_values_get_the_verdict_the_contract_gives_them(case: Case) -> None:
+    """Many more hostile values than the end-to-end test can send: the parser counts exactly the
+    well-formed logins among them and refuses the rest with a BadMessage, never another error."""
+    now = datetime.now(UTC)
+    parser = Parser(DEEP_RULES, now)
+    if case.counted is None:
+        with pytest.raises(BadMessage):
+            parser.parse(case.value)
+        return
+    e = case.counted
+    assert parser.parse(case.value) == Login(Workspace(e.org_id, e.workspace_id), e.subject,
+                                             e.timestamp)

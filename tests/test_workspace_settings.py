@@ -4,6 +4,7 @@ the consumer seeing a change within its cache bound, and a rebuild that re-bucke
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import subprocess
 import sys
 import time
@@ -569,3 +570,58 @@ async def test_compare_and_set_writes_only_over_the_value_it_read(store: SketchS
     assert await stored(store) == wss.encode(a)
     assert await compare_and_set(store, WS, raw, b)
     assert await stored(store) == wss.encode(b)
+
+
+glob_text = st.text(alphabet="ab*?[]", max_size=10)
+subject_text = st.text(alphabet="ab*?[]", max_size=12)
+
+
+@given(patterns=st.lists(glob_text, min_size=1, max_size=6), subjects=st.lists(subject_text,
+                                                                               max_size=8))
+def test_the_excluder_agrees_with_fnmatch_on_every_shape(
+    patterns: list[str], subjects: list[str]
+) -> None:
+    """Exact names, prefixes, suffixes, infixes and globs each take their own path; together
+    they must say what one glob match per pattern says ('[' is no wildcard here)."""
+    patterns = [p for p in patterns if p] or ["a"]
+    excluder = wss.Excluder(patterns)
+    for s in [*subjects, *patterns]:
+        want = any(fnmatch.fnmatchcase(s, p.replace("[", "[[]")) for p in patterns)
+        assert excluder(s) is want, (patterns, s)
+        assert excluder(s) is want  # remembered, same verdict
+
+
+def test_patterns_are_sorted_by_shape_and_only_globs_are_matched_as_globs() -> None:
+    e = wss.Excluder(["bot", "qa-*", "*-ci", "*test*", "a*b", "x?", "*", "qa-*"])
+    assert e.exact == {"bot"}
+    assert (e.prefixes, e.suffixes, e.infixes) == (("qa-",), ("-ci",), ("test",))
+    assert [g.pattern for g in e.globs] == ["a*b", "x?", "*"]
+
+
+@pytest.mark.parametrize(
+    ("patterns", "message"),
+    [
+        # Issue 11: these cost 3.4 ms per subject, every login of the workspace.
+        ([("*" + "?" * 250 + "b*")] * 100, "wildcards"),
+        ([f"*{'?' * 6}b{i}*" for i in range(21)], "at most 20 patterns"),
+        (["*a?b?c?d?e?f?g?h*"], "9 wildcards"),
+        ([f"*{'?' * 6}{i:02d}*" for i in range(9)], "at most 64 allowed"),
+    ],
+)
+def test_patterns_that_would_cost_every_login_too_much_are_refused(
+    patterns: list[str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        WorkspaceSettings(timezone="UTC", excluded_subjects=patterns)
+
+
+def test_a_hundred_exact_names_prefixes_suffixes_and_infixes_are_fine() -> None:
+    patterns = ([f"user-{i}" for i in range(25)] + [f"qa{i}-*" for i in range(25)]
+                + [f"*-bot{i}" for i in range(25)] + [f"*test{i}*" for i in range(25)])
+    settings = WorkspaceSettings(timezone="UTC", excluded_subjects=patterns)
+    matcher = resolve(settings)
+    assert matcher.is_excluded("user-7")
+    assert matcher.is_excluded("qa3-alice")
+    assert matcher.is_excluded("x-bot9")
+    assert matcher.is_excluded("a-test24-b")
+    assert not matcher.is_excluded("alice")

@@ -12,6 +12,8 @@ from collections.abc import Coroutine, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
+
 from usage_metrics.config import Settings
 from usage_metrics.logs import setup_logging
 from usage_metrics.progress import progress_bar
@@ -69,7 +71,7 @@ def _parse_when(text: str) -> datetime:
 
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    from consumer.replay import ReplayStart, replay
+    from consumer.replay import ReplayStart, UnreadableRange, replay
     from usage_metrics.wiring import open_store
 
     if args.from_beginning:
@@ -78,9 +80,13 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
         start = ReplayStart("timestamp", timestamp=args.from_timestamp)
     else:
         start = ReplayStart("offsets", offsets=args.from_offsets)
-    with progress_bar(f"replay {settings.kafka_topic}") as report:
-        async with open_store(settings) as store:
-            stats = await replay(settings, store, start, progress=report)
+    try:
+        with progress_bar(f"replay {settings.kafka_topic}") as report:
+            async with open_store(settings) as store:
+                stats = await replay(settings, store, start, progress=report)
+    except UnreadableRange as err:
+        log.error("%s", err)
+        return 1
     sys.stdout.write(
         f"replayed {stats.messages} messages: {stats.logins} logins, {stats.filtered} filtered, "
         f"{stats.excluded} excluded, {stats.bad} bad (not re-dead-lettered)\n"
@@ -174,7 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as err:
+        # Refuse to start, naming each setting and the rule, never the value (it may be secret).
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']).upper()}: {e['msg']}"
+            for e in err.errors(include_url=False, include_input=False)
+        )
+        sys.stderr.write(f"usage-metrics: refusing to start, invalid settings: {problems}\n")
+        return 2
     setup_logging(settings)
     if args.command == "consume":
         return _run(_consume(settings))

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 from functools import cached_property
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sketches.keys import KeySpace
 
 SketchMode = Literal["hll", "exact"]
+MIN_JWT_SECRET_BYTES = 32
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    # An invalid secret must not be echoed in the error that refuses it.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     kafka_bootstrap_servers: str = "localhost:9092"
     kafka_topic: str = "metrics"
@@ -51,6 +55,9 @@ class Settings(BaseSettings):
     consumer_batch_window_ms: int = Field(default=250, ge=0)
     # A value larger than this is dead-lettered unread: a login event is a few hundred bytes.
     max_message_bytes: int = Field(default=65_536, ge=256)
+    # Bytes the batches of one fetch may inflate to (consumer.fetching): a compressed batch can
+    # hold thousands of times its size. A batch larger than this alone is skipped unread.
+    consumer_max_fetch_inflated_bytes: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024)
     # Redis write retries back off from 0.1 s up to this many seconds between attempts.
     redis_retry_max_backoff_s: float = Field(default=5.0, gt=0)
     # The consumer reports unhealthy and exits when it makes no progress while lag stays > 0
@@ -74,20 +81,65 @@ class Settings(BaseSettings):
     # refills at RATE_LIMIT_PER_MINUTE; 0 in either turns limiting off.
     rate_limit_per_minute: int = Field(default=600, ge=0)
     rate_limit_burst: int = Field(default=60, ge=0)
+    # Requests are charged by estimated cost (api.ratelimit: a rolling 730-day query costs 92
+    # units of a 30-day calendar query), and a process runs at most this many expensive ones
+    # at once (503 + Retry-After beyond); 0 turns the gate off.
+    api_max_expensive_queries: int = Field(default=4, ge=0)
+
+    # Swagger UI at /docs, served from the fastapi-offline package (api.docs), never a CDN.
+    api_docs: bool = True
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        # HS256 keys must be at least as long as the hash (RFC 7518, 3.2): a short shared
+        # secret is guessed offline from any one token.
+        if value is not None and len(value.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
+            raise ValueError(
+                f"JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes "
+                "(generate one with `openssl rand -hex 32`)"
+            )
+        return value
 
     @cached_property
     def keyspace(self) -> KeySpace:
         return KeySpace(self.redis_key_prefix, self.sketch_mode)
 
     def redis_url_redacted(self) -> str:
-        """The Redis URL without its password, for logs."""
-        parts = urlsplit(self.redis_url.get_secret_value())
-        if parts.password is None:
-            return urlunsplit(parts)
-        netloc = f"{parts.username or ''}:***@{parts.hostname}"
-        if parts.port:
-            netloc += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        """The Redis URL without its credentials, for logs (``redact_url``)."""
+        return redact_url(self.redis_url.get_secret_value())
+
+
+# Query parameters that redis-py reads credentials from (``redis://h/0?password=...``).
+SECRET_QUERY_KEYS = frozenset({"password", "pass", "pwd", "secret", "token"})
+
+
+def redact_url(url: str) -> str:
+    """``url`` with every credential replaced by ``***``, whatever the form: a password in the
+    user info (``redis://:pw@h``, ``redis://user:pw@h``), user info alone (``redis://pw@h``,
+    which some clients read as a password), or a query parameter (``?password=pw``). The host is
+    kept as written (an IPv6 address keeps its brackets); an unparsable URL is hidden whole."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+    query = "&".join(
+        f"{name}=***" if unquote_plus(name).strip().lower() in SECRET_QUERY_KEYS
+        else f"{name}{sep}{value}"
+        for name, sep, value in (pair.partition("=") for pair in parts.query.split("&") if pair)
+    )
+    # Rebuilt by hand: urlunsplit would drop the '//' of an empty netloc (unix:///path).
+    out = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else f"{netloc}{parts.path}"
+    if query:
+        out += f"?{query}"
+    if parts.fragment:
+        out += f"#{parts.fragment}"
+    return out

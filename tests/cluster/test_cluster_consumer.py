@@ -20,6 +20,7 @@ pytestmark = pytest.mark.xdist_group("cluster")
 
 REUSED = (
     "test_logins_are_counted_bad_ones_dead_lettered_others_filtered",
+    "test_each_message_is_handled_once_and_each_bad_one_dead_lettered_once",
     "test_killed_between_write_and_commit_counts_stay_right",
     "test_sigterm_finishes_the_batch_commits_and_exits_zero",
     "test_store_offsets_decide_where_a_partition_resumes",

@@ -112,3 +112,29 @@ async def read_all(bootstrap: str, topic: str, expect: int, timeout: float = 30.
     finally:
         await consumer.stop()
     return out
+
+
+async def read_to_end(bootstrap: str, topic: str, timeout: float = 30.0) -> list:
+    """Every record a topic holds now, duplicates included: read from the beginning until each
+    partition's position reaches the high watermark a fetch reported (never a record count,
+    so that a duplicate cannot hide behind an early stop)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, max_partition_fetch_bytes=16 << 20)
+    await consumer.start()
+    out: list = []
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                out.extend(records)
+            tps = consumer.assignment()
+            highs = {tp: consumer.highwater(tp) for tp in tps}
+            if tps and all(h is not None for h in highs.values()):
+                positions = {tp: await consumer.position(tp) for tp in tps}
+                if all(positions[tp] >= h for tp, h in highs.items() if h is not None):
+                    return out
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: read {len(out)} records, high watermarks {highs}")
+    finally:
+        await consumer.stop()
+
