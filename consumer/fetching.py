@@ -34,7 +34,7 @@ from collections.abc import Callable
 from importlib import import_module
 
 import cramjam
-from aiokafka.errors import CorruptRecordException, KafkaError
+from aiokafka.errors import CorruptRecordException
 
 from sketches.errors import UsageMetricsError
 
@@ -50,14 +50,19 @@ class FetchOverBudget(UsageMetricsError):
     """A batch does not fit in what is left of this fetch's budget: fetch fewer records."""
 
 
+# What decoding a record or a batch raises when the bytes themselves are bad: a header key that
+# is not UTF-8, a CRC that does not match, a batch over the budget or not decompressible, a
+# batch or record cut short. Only these make the consumer skip records; anything else (a bug, a
+# broker or group failure) is raised as before, and a supervisor restarts the consumer.
+DATA_ERRORS: tuple[type[BaseException], ...] = (
+    UnicodeError, CorruptRecordException, BatchTooLarge, cramjam.DecompressionError,
+    struct.error, EOFError,
+)
+
+
 def unreadable(err: BaseException) -> bool:
-    """Whether ``getmany`` raised because of what a record holds, not because the broker or the
-    group failed (those are retried or end the process as before)."""
-    if isinstance(err, FetchOverBudget):
-        return False
-    if isinstance(err, KafkaError):
-        return isinstance(err, CorruptRecordException)
-    return isinstance(err, Exception)
+    """Whether ``getmany`` raised because of what a record holds (``DATA_ERRORS``)."""
+    return isinstance(err, DATA_ERRORS)
 
 
 class InflateBudget:
