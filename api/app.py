@@ -24,7 +24,7 @@ from api.auth import Forbidden, TokenVerifier, Unauthenticated
 from api.bodylimit import BodyLimitMiddleware, document_413
 from api.routes import router
 from sketches import hll
-from sketches.errors import CorruptSketch, StoreUnavailable
+from sketches.errors import CorruptSketch, QueryBusy, StoreUnavailable
 from sketches.store import SketchStore
 from sketches.workspace_settings import TooManySettingsWithoutData
 from usage_metrics.config import Settings
@@ -33,6 +33,7 @@ from usage_metrics.wiring import open_store
 log = logging.getLogger(__name__)
 
 ID_ROUTES_PREFIX = b"/api/v2/org/"
+BUSY_RETRY_AFTER_S = 1
 
 
 class RawPathIds:
@@ -130,6 +131,11 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
     async def _unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
         log.warning("store unavailable: %s", exc)
         return _detail(503, "store unavailable, try again shortly", {"Retry-After": "5"})
+
+    @app.exception_handler(QueryBusy)
+    async def _busy(request: Request, exc: QueryBusy) -> JSONResponse:
+        return _detail(503, f"{exc}: retry in {BUSY_RETRY_AFTER_S} s",
+                       {"Retry-After": str(BUSY_RETRY_AFTER_S)})
 
     @app.exception_handler(CorruptSketch)
     async def _corrupt(request: Request, exc: CorruptSketch) -> JSONResponse:

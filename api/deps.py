@@ -42,6 +42,7 @@ async def get_answers(request: Request) -> Answers:
             retention_days=settings.retention_days,
             default_timezone=settings.default_timezone,
             cache_entries=settings.result_cache_entries,
+            max_heavy=settings.api_max_expensive_queries,
         )
         state.answers = answers
     return answers

@@ -20,21 +20,20 @@ Health, readiness, metrics and dashboard files are never limited: probes must al
 
 **Charged by cost** (issue 11). A request takes as many tokens as its estimated cost, read from
 the query string before anything else runs (``usage_cost``), in *units*: one unit is a 30-day
-calendar query. The model counts sketch reads, the unit of Redis and Python work: a calendar
-query counts one day key per row plus every week and month key back to the retention horizon
-(the forward fill; about 142 at 800 days), a rolling one also reads and merges the sketch of
-every day of its rows and of the 29 days before them, which costs about ``ROLLING_DAY_WEIGHT``
-(20) counts each (a 12 KB copy, decoding and two windows of histograms). So a 730-day rolling
-query costs 92 units, a 365-day calendar one 2.9, a 30-day calendar one 1 (every request at
-least 1). A cost above the burst takes the whole burst: such a query needs a full bucket.
-Other ``/api/`` requests cost 1.
+calendar query. The model counts what a request's rows cost to serve: one per row plus every
+week and month back to the retention horizon (the forward fill; about 142 at 800 days). So a
+730-day query costs 5.1 units, a 365-day one 2.9, a 30-day one 1 (every request at least 1),
+whatever its window: both windows are served from stored per-day results
+(``sketches.results``), where a rolling row costs what a calendar row does. (Before stored
+results a rolling 730-day query recomputed 760 sketches and was charged 92 units.) A cost above
+the burst takes the whole burst. Other ``/api/`` requests cost 1.
 
 **Bounded per process.** A token bucket bounds each caller's rate, not what all callers together
-run at once; a rolling query of a large workspace holds tens of megabytes while it runs (in
-exact mode, the members of the days it reads). So queries of ``EXPENSIVE_UNITS`` or more
-(rolling ones over about 55 days) also need one of ``API_MAX_EXPENSIVE_QUERIES`` slots of the
-process (``ExpensiveQueryGate``); when all are taken the answer is ``503`` with ``Retry-After``
-at once: nothing queues.
+run at once. What is expensive now is not a shape of request but a *recompute*: the first
+answer after a backfill or a rebuild reads every day's sketch (tens of megabytes for a large
+workspace). ``sketches.results.Answers`` lets at most ``API_MAX_EXPENSIVE_QUERIES`` such heavy
+recomputes (more than ``HEAVY_READS`` sketch reads) run at once per process; the next is
+answered ``503`` with ``Retry-After`` at once: nothing queues.
 """
 
 from __future__ import annotations
@@ -59,11 +58,7 @@ MAX_CALLERS = 100_000
 USAGE_PREFIX = "/api/v2/org/"
 USAGE_SUFFIX = "/metrics/usage"
 # The cost model (module docstring), in sketch counts; a unit is a 30-day calendar query.
-ROLLING_DAY_WEIGHT = 20
-ROLLING_LEAD_DAYS = 29
 DEFAULT_PERIOD_LENGTH = 365
-EXPENSIVE_UNITS = 10.0
-GATE_RETRY_AFTER_S = 1
 
 _AUTHORIZATION = b"authorization"
 
@@ -125,9 +120,6 @@ class CostModel:
     def _calendar(self, rows: int) -> float:
         return rows + self.fill
 
-    def _rolling(self, rows: int) -> float:
-        return rows + (rows + ROLLING_LEAD_DAYS) * ROLLING_DAY_WEIGHT
-
     def cost(self, scope: Scope) -> float:
         path = str(scope.get("path", ""))
         if not (path.startswith(USAGE_PREFIX) and path.endswith(USAGE_SUFFIX)):
@@ -138,49 +130,10 @@ class CostModel:
         except ValueError:
             return 1.0  # too many fields: the route refuses it
         rows = DEFAULT_PERIOD_LENGTH + 1
-        rolling = False
-        metrics: set[str] = set()
         for name, value in query:
             if name == "period_length" and value.isdigit() and len(value) < 8:
                 rows = min(int(value) + 1, self.max_rows)
-            elif name == "window":
-                rolling = value == "rolling"
-            elif name == "metrics":
-                metrics.update(m.strip().lower() for m in value.split(","))
-        windows = not (metrics - {""}) or bool(metrics & {"wau", "mau"})
-        counts = self._rolling(rows) if rolling and windows else self._calendar(rows)
-        return max(1.0, counts / self.unit)
-
-
-class ExpensiveQueryGate:
-    """At most ``limit`` expensive requests of one process at a time; the next one is refused
-    with 503 and ``Retry-After`` at once (pure ASGI, around the whole request)."""
-
-    def __init__(self, app: ASGIApp, model: CostModel, limit: int,
-                 threshold: float = EXPENSIVE_UNITS) -> None:
-        self.app = app
-        self.model = model
-        self.limit = limit
-        self.threshold = threshold
-        self.running = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.model.cost(scope) < self.threshold:
-            await self.app(scope, receive, send)
-            return
-        if self.running >= self.limit:
-            busy = JSONResponse(
-                {"detail": f"{self.limit} expensive queries already run in this process: "
-                           f"retry in {GATE_RETRY_AFTER_S} s"},
-                status_code=503, headers={"Retry-After": str(GATE_RETRY_AFTER_S)},
-            )
-            await busy(scope, receive, send)
-            return
-        self.running += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.running -= 1
+        return max(1.0, self._calendar(rows) / self.unit)
 
 
 def retry_after(seconds: float) -> int:
@@ -276,13 +229,10 @@ def _document_429(app: FastAPI, prefix: str) -> None:
 
 
 def install(app: FastAPI, settings: Settings, verifier: TokenVerifier) -> None:
-    """Limit ``app``'s ``/api/`` routes as the settings say: the expensive-query gate unless
-    ``API_MAX_EXPENSIVE_QUERIES`` is 0, the token buckets unless the rate settings are."""
+    """Limit ``app``'s ``/api/`` routes with token buckets, unless the rate settings are 0 (the
+    bound on heavy recomputes is ``sketches.results``'s)."""
     model = CostModel(settings.retention_days, settings.max_period_length)
     app.state.cost_model = model
-    if settings.api_max_expensive_queries > 0:
-        app.add_middleware(ExpensiveQueryGate, model=model,
-                           limit=settings.api_max_expensive_queries)
     if settings.rate_limit_per_minute <= 0 or settings.rate_limit_burst <= 0:
         return
     buckets = TokenBuckets(settings.rate_limit_per_minute, settings.rate_limit_burst)

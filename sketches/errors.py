@@ -31,3 +31,7 @@ class BadMessage(UsageMetricsError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class QueryBusy(UsageMetricsError):
+    """This process already runs as many heavy recomputes as it may: try again shortly."""

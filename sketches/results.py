@@ -63,12 +63,13 @@ a repeated identical request while the scope's random version token is unchanged
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from enum import IntEnum
@@ -77,7 +78,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from sketches.errors import CorruptSketch
+from sketches.errors import CorruptSketch, QueryBusy
 from sketches.keys import Workspace
 from sketches.periods import (
     Granularity,
@@ -102,6 +103,10 @@ from sketches.writes import STAMP_RING
 
 log = logging.getLogger(__name__)
 
+HEAVY_READS = 200
+"""A request that must read more sketches than this (a full recompute after a backfill, a long
+direct computation) is heavy: at most ``max_heavy`` run at once per process, the next is refused
+with ``QueryBusy`` (503) rather than queued. A live request reads about 35."""
 MAX_PENDING_WRITES = 64
 """Stored-result writes a process lets run behind its responses."""
 LEAD = MONTH_DAYS - 1
@@ -400,8 +405,11 @@ class Answers:
         retention_days: int,
         default_timezone: str,
         cache_entries: int,
+        max_heavy: int = 0,
     ) -> None:
         self.store = store
+        self.max_heavy = max_heavy  # 0: unbounded
+        self.heavy = 0
         self.retention_days = retention_days
         self.default_timezone = default_timezone
         self.cache = ResultCache(cache_entries)
@@ -480,11 +488,27 @@ class Answers:
                 log.warning("stored result not refreshed, computing directly: %s", err)
         # Never written (nothing to keep), reaching back to where keys expire, or damaged.
         self.counters.direct += 1
-        return Series.of_rows(await usage(
-            self.store, snap.scope, end=query.end, period_length=query.period_length,
-            metrics=wanted, window=query.window, horizon=horizon,
-            week_start=snap.config.week_start,
-        ))
+        reads = query.period_length + 1 + (MONTH_DAYS if query.window is Window.ROLLING else 0)
+        async with self._slot(reads):
+            return Series.of_rows(await usage(
+                self.store, snap.scope, end=query.end, period_length=query.period_length,
+                metrics=wanted, window=query.window, horizon=horizon,
+                week_start=snap.config.week_start,
+            ))
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, reads: int) -> AsyncIterator[None]:
+        """A heavy computation's place among the ``max_heavy`` this process runs at once."""
+        if reads <= HEAVY_READS or self.max_heavy <= 0:
+            yield
+            return
+        if self.heavy >= self.max_heavy:
+            raise QueryBusy(f"{self.max_heavy} heavy recomputes already run in this process")
+        self.heavy += 1
+        try:
+            yield
+        finally:
+            self.heavy -= 1
 
     async def _refresh(
         self, snap: Snapshot, query: Query, horizon: date, columns: list[Column]
@@ -510,7 +534,8 @@ class Answers:
         if not todo:
             self.counters.stored_entries_reused += n * len(columns)
             return stored
-        await self._recompute(snap.scope, stored, todo, snap.config)
+        async with self._slot(_reads(todo)):
+            await self._recompute(snap.scope, stored, todo, snap.config)
         for c in todo:
             stored.seen[c] = current
             name = c.name.lower()
@@ -604,6 +629,14 @@ class Answers:
         """Wait for every write-back in flight (a process that stops, a test that looks)."""
         while self._pending:
             await asyncio.gather(*list(self._pending.values()), return_exceptions=True)
+
+
+def _reads(todo: dict[Column, npt.NDArray[np.intp]]) -> int:
+    """About how many sketches a recompute reads: its counts, and its rolling runs with the 29
+    days before each."""
+    reads = sum(int(todo[c].size) for c in (Column.DAU, Column.WEEK, Column.MONTH) if c in todo)
+    rolling = sorted({int(i) for c in (Column.ROLL7, Column.ROLL30) if c in todo for i in todo[c]})
+    return reads + sum(hi - lo + 1 + LEAD for lo, hi in runs(rolling, MONTH_DAYS))
 
 
 def render_series(stored: Stored, query: Query, wanted: frozenset[Metric]) -> Series:

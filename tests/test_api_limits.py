@@ -1,5 +1,5 @@
 """No caller can exhaust the API (issue 11): requests charged by their estimated cost, a bound
-on the expensive queries one process runs at once, a capped settings body, and a bound on the
+on the heavy recomputes one process runs at once, a capped settings body, and a bound on the
 settings one admin can store for workspaces that have no data."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.types import Receive, Scope, Send
+from starlette.types import Scope
 
 from api.app import create_app
 from api.auth import issue_token
 from api.bodylimit import MAX_BODY_BYTES
-from api.ratelimit import CostModel, ExpensiveQueryGate
+from api.ratelimit import CostModel
 from sketches import workspace_settings as wss
 from sketches.keys import Workspace
 from sketches.store import SketchStore
@@ -51,10 +51,11 @@ def test_the_cost_model_in_units_of_a_30_day_calendar_query() -> None:
     assert cost("period_length=30") == pytest.approx(1.0)
     assert cost("") == pytest.approx(cost("period_length=365"))  # the default period
     assert 2.5 < cost("period_length=365") < 3.5
-    rolling = cost("period_length=730&window=rolling")
-    assert 85 < rolling < 100, rolling  # "about a hundred times a 30-day calendar query"
-    assert cost("period_length=730&window=rolling&metrics=dau") == cost("period_length=730")
-    assert cost("period_length=730&window=rolling&metrics=dau,mau") == rolling
+    # Both windows are served from stored per-day results: a row costs the same in either.
+    long = cost("period_length=730")
+    assert 4.5 < long < 6, long
+    assert cost("period_length=730&window=rolling") == long
+    assert cost("period_length=730&window=rolling&metrics=dau,mau") == long
     assert cost("period_length=0") == 1.0  # never less than one request
     assert cost("period_length=99999999999&window=rolling") == cost(
         "period_length=365&window=rolling")  # invalid: the route answers 422
@@ -70,18 +71,18 @@ async def client(settings: Settings, store: SketchStore) -> AsyncIterator[httpx.
         yield c
 
 
-async def test_a_rolling_730_day_query_takes_the_whole_burst_of_its_caller_only(
+async def test_long_queries_take_more_of_their_callers_burst_and_only_theirs(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
-    expensive = {"period_length": 730, "window": "rolling"}
-    first = await client.get(USAGE, params=expensive, headers=auth(settings))
-    assert first.status_code == 200, first.text
-    again = await client.get(USAGE, params=expensive, headers=auth(settings))
+    long = {"period_length": 730, "window": "rolling"}  # about 5 units of a burst of 60
+    codes = [(await client.get(USAGE, params=long, headers=auth(settings))).status_code
+             for _ in range(13)]
+    assert codes[:11] == [200] * 11
+    assert codes[12] == 429, codes
+    again = await client.get(USAGE, params=long, headers=auth(settings))
     assert again.status_code == 429
-    assert int(again.headers["Retry-After"]) >= 5  # 60 units at 10 units a second
-    cheap = await client.get(USAGE, params={"period_length": 30}, headers=auth(settings))
-    assert cheap.status_code == 429  # the bucket is empty: even one unit must wait
-    other = await client.get(USAGE, params=expensive, headers=auth(settings, sub="bob"))
+    assert int(again.headers["Retry-After"]) >= 1
+    other = await client.get(USAGE, params=long, headers=auth(settings, sub="bob"))
     assert other.status_code == 200
     # Calendar queries of 30 days cost one unit: 60 in a row pass for a third caller.
     carol = auth(settings, sub="carol")
@@ -90,36 +91,58 @@ async def test_a_rolling_730_day_query_takes_the_whole_burst_of_its_caller_only(
     assert codes == [200] * 60
 
 
-async def test_expensive_queries_beyond_the_process_bound_get_503_at_once() -> None:
-    """The gate around a stand-in for the app that holds each request until released."""
+async def test_heavy_recomputes_beyond_the_process_bound_get_503_at_once(
+    settings: Settings, store: SketchStore,
+) -> None:
+    """Heavy recomputes (first answers after a backfill) held in flight on the real store: the
+    next heavy one is refused with 503 at once; a light one (a live day) is not held back."""
+    from datetime import timedelta
+
+    from sketches.keys import Workspace
+    from sketches.periods import periods_holding, utc_today
+
+    today = utc_today()
+    for i in range(4):
+        ws = Workspace("acme", f"ws-{i}")
+        await store.add({(ws, p): {"a", "b"} for d in range(0, 400, 7)
+                         for p in periods_holding(today - timedelta(days=d))})
     release = asyncio.Event()
-    entered: list[str] = []
-    reached = {2: asyncio.Event(), 3: asyncio.Event()}
+    inside = 0
+    reached = asyncio.Event()
+    real = store.rolling_and_daily
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        entered.append(scope["query_string"].decode())
-        if len(entered) in reached:
-            reached[len(entered)].set()
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        nonlocal inside
+        inside += 1
+        if inside == 2:
+            reached.set()
         await release.wait()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"[]"})
+        return await real(*args, **kwargs)
 
-    gate = ExpensiveQueryGate(app, CostModel(800, 730), limit=2)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gate),
-                                 base_url="http://t") as c:
-        rolling = {"period_length": 730, "window": "rolling"}
-        held = [asyncio.create_task(c.get(USAGE, params=rolling)) for _ in range(2)]
-        await asyncio.wait_for(reached[2].wait(), 10)
-        refused = await c.get(USAGE, params=rolling)
-        assert refused.status_code == 503
+    app = create_app(settings.model_copy(update={"rate_limit_per_minute": 0,
+                                                 "api_max_expensive_queries": 2}), store)
+    rolling = {"period_length": 730, "window": "rolling"}
+    dau = {"period_length": 30, "metrics": "dau"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t", headers=auth(settings)) as c:
+        def url(i: int) -> str:
+            return f"/api/v2/org/acme/workspace/ws-{i}/metrics/usage"
+
+        assert (await c.get(url(3), params=dau)).status_code == 200  # its DAU column stored
+        await store.add({(Workspace("acme", "ws-3"), p): {"new"} for p in periods_holding(today)})
+        store.rolling_and_daily = held  # type: ignore[method-assign]
+        first = [asyncio.create_task(c.get(url(i), params=rolling)) for i in range(2)]
+        await asyncio.wait_for(reached.wait(), 10)
+        refused = await c.get(url(2), params=rolling)
+        assert refused.status_code == 503, refused.text
         assert refused.headers["Retry-After"] == "1"
-        assert "expensive" in refused.json()["detail"]
-        cheap = asyncio.create_task(c.get(USAGE, params={"period_length": 30}))
-        await asyncio.wait_for(reached[3].wait(), 10)  # a cheap query is not held back
+        assert "heavy" in refused.json()["detail"]
+        light = await c.get(url(3), params=dau)  # one new login: one DAU entry to recompute
+        assert light.status_code == 200, light.text
         release.set()
-        assert [r.status_code for r in await asyncio.gather(*held, cheap)] == [200, 200, 200]
-        assert gate.running == 0
-        assert (await c.get(USAGE, params=rolling)).status_code == 200
+        assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]
+        assert app.state.answers.heavy == 0
+        assert (await c.get(url(2), params=rolling)).status_code == 200
 
 
 async def test_a_settings_body_over_64_kib_is_refused_before_it_is_read(

@@ -178,7 +178,7 @@ async def one_request(
         tally.cancelled += 1
         return
     if (resp.status_code == 503 and resp.headers.get("Retry-After")
-            and "expensive queries" in resp.json().get("detail", "")):
+            and "heavy recomputes" in resp.json().get("detail", "")):
         tally.busy += 1
         return
     if resp.status_code != 200:
@@ -270,7 +270,7 @@ async def test_sixteen_clients_mixed_shapes_no_error_flat_memory_pool_back_to_id
     busy = [c for c in clients if int(c.get("idle", "0")) < 1]
     assert not busy, busy
     log.info(f"{tally.ok} answers checked, {tally.cancelled} cancelled, {tally.busy} refused "
-             "by the expensive-query gate, "
+             "as heavy recomputes beyond the process bound, "
              f"RSS {quarter} KiB at 25 % "
           f"and {final} KiB at the end, {len(clients)} idle Redis connections")
 
