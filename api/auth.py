@@ -11,7 +11,7 @@ that role may do, so a role the table does not know gets nothing.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,33 @@ class Principal:
             raise Forbidden("the token names no org_id")
         if self.org_id != org_id:
             raise Forbidden("the token's org may not read another org")
+
+
+_VERDICT = "usage_metrics.token_verdict"
+
+
+def verify_once(
+    scope: MutableMapping[str, Any], verifier: TokenVerifier, token: str
+) -> Principal:
+    """The token's principal, verified at most once per request.
+
+    The rate limiter (to pick the caller's bucket), the body limit and the routes' dependency
+    all need it; a signature check costs more than the rest of a request served from the
+    response cache. The verdict, principal or refusal, is kept in the request's ASGI state
+    beside the token it is for."""
+    state = scope.setdefault("state", {})
+    kept: tuple[str, Principal | Exception] | None = state.get(_VERDICT)
+    if kept is None or kept[0] != token:
+        verdict: Principal | Exception
+        try:
+            verdict = verifier.verify(token)
+        except (Unauthenticated, Forbidden) as err:
+            verdict = err
+        kept = (token, verdict)
+        state[_VERDICT] = kept
+    if isinstance(kept[1], Exception):
+        raise kept[1]
+    return kept[1]
 
 
 class TokenVerifier:

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import Forbidden, TokenVerifier, Unauthenticated
+from api.auth import Forbidden, TokenVerifier, Unauthenticated, verify_once
 
 MAX_BODY_BYTES = 64 * 1024
 WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
@@ -49,7 +49,7 @@ class BodyLimitMiddleware:
                 if scheme.lower() != "bearer" or not token.strip():
                     return False
                 try:
-                    self.verifier.verify(token.strip())
+                    verify_once(scope, self.verifier, token.strip())
                 except (Unauthenticated, Forbidden):
                     return False
                 return True

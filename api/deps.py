@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from api.auth import Principal, TokenVerifier, Unauthenticated
+from api.auth import Principal, TokenVerifier, Unauthenticated, verify_once
 from sketches.results import Answers
 from sketches.store import SketchStore
 from usage_metrics.config import Settings
@@ -54,12 +54,13 @@ async def get_verifier(request: Request) -> TokenVerifier:
 
 
 async def get_principal(
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     verifier: Annotated[TokenVerifier, Depends(get_verifier)],
 ) -> Principal:
     if credentials is None:
         raise Unauthenticated("missing bearer token")
-    return verifier.verify(credentials.credentials)
+    return verify_once(request.scope, verifier, credentials.credentials)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -49,7 +49,7 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.auth import Forbidden, TokenVerifier, Unauthenticated
+from api.auth import Forbidden, TokenVerifier, Unauthenticated, verify_once
 from usage_metrics.config import Settings
 
 LIMITED_PREFIX = "/api/"
@@ -161,7 +161,7 @@ class RateLimitMiddleware:
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 try:
-                    who = self.verifier.verify(token.strip())
+                    who = verify_once(scope, self.verifier, token.strip())
                 except (Unauthenticated, Forbidden):
                     break
                 return ("token", who.subject, who.org_id)

@@ -627,3 +627,39 @@ def test_unsupported_public_key_is_refused_at_startup(settings: Settings) -> Non
         create_app(settings.model_copy(update={"jwt_public_key": SecretStr(p384.public_pem)}))
     with pytest.raises(ValueError, match="JWT_PUBLIC_KEY"):
         create_app(settings.model_copy(update={"jwt_public_key": SecretStr("not a pem")}))
+
+
+async def test_a_token_is_verified_once_per_request_by_the_limiter_body_limit_and_routes(
+    settings: Settings, store: SketchStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rate limiter, the body limit and the route's dependency all need the caller; the
+    signature is checked once (the verdict rides in the request's state), and a refusal is
+    kept just as well."""
+    from api.auth import TokenVerifier
+
+    calls: list[str] = []
+    real = TokenVerifier.verify
+
+    def counted(self: TokenVerifier, token: str) -> Any:
+        calls.append(token)
+        return real(self, token)
+
+    monkeypatch.setattr(TokenVerifier, "verify", counted)
+    app = create_app(settings.model_copy(update={"rate_limit_per_minute": 600}), store)
+    good = issue_token(settings, role="admin", org_id="acme", ttl_seconds=600, now=time.time())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t") as c:
+        ok = await c.get("/api/v2/org/acme/workspace/w/metrics/usage",
+                         headers={"Authorization": f"Bearer {good}"})
+        assert ok.status_code == 200
+        assert calls == [good]
+        calls.clear()
+        put = await c.put("/api/v2/org/acme/workspace/w/settings", json={"timezone": "UTC"},
+                          headers={"Authorization": f"Bearer {good}"})
+        assert put.status_code == 200, put.text
+        assert calls == [good]  # limiter, body limit and route: one verification
+        calls.clear()
+        bad = await c.get("/api/v2/org/acme/workspace/w/metrics/usage",
+                          headers={"Authorization": "Bearer not.a.token"})
+        assert bad.status_code == 401
+        assert calls == ["not.a.token"]
