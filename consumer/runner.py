@@ -354,7 +354,11 @@ class GroupConsumer:
         if consumer is None:
             return {}
         out: dict[TopicPartition, int] = {}
-        for tp in consumer.assignment():
+        for tp in list(consumer.assignment()):
+            # A rebalance during an await below may take a partition of this snapshot: aiokafka
+            # asserts on a partition it no longer holds, which is no lag of ours.
+            if tp not in consumer.assignment():
+                continue
             high = consumer.highwater(tp)
             if high is None:
                 continue
