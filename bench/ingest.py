@@ -96,15 +96,17 @@ def _events(
     keys = [ws_keys[x] for x in ws.tolist()]
     parts = ws_part[ws]
 
-    # Keys the store must hold afterwards: one per (workspace, day | ISO week | month) with a login.
+    # Keys the store must hold afterwards: one per (workspace, day | ISO week | month) with a
+    # login, and as many for each org's own sketches (workspace i belongs to org i // 10).
     week_of = np.array([(d - timedelta(days=d.weekday())).toordinal() for d in day_dates])
     month_of = np.array([d.year * 12 + d.month for d in day_dates])
     logins = ~other
     lw, ld = ws[logins], day[logins]
-    expected = (
-        np.unique(lw * days + ld).size
-        + np.unique(lw * 10_000_000 + week_of[ld]).size
-        + np.unique(lw * 100_000 + month_of[ld]).size
+    expected = sum(
+        np.unique(scope * days + ld).size
+        + np.unique(scope * 10_000_000 + week_of[ld]).size
+        + np.unique(scope * 100_000 + month_of[ld]).size
+        for scope in (lw, lw // 10)
     )
     meta = {
         "logins": int(logins.sum()),

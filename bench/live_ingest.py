@@ -61,8 +61,12 @@ def events(cfg: BenchConfig, now: datetime) -> ingest.Events:
     week_id = {d: week_of(x).label for d, x in days.items()}
     month_id = {d: month_of(x).label for d, x in days.items()}
     pairs = set(zip(lw.tolist(), ld.tolist(), strict=True))
-    expected = (len(pairs) + len({(x, week_id[d]) for x, d in pairs})
-                + len({(x, month_id[d]) for x, d in pairs}))
+    # ...and the same for each org's own sketches (workspace i belongs to org i // 10).
+    org_pairs = {(x // 10, d) for x, d in pairs}
+    expected = sum(
+        len(p) + len({(x, week_id[d]) for x, d in p}) + len({(x, month_id[d]) for x, d in p})
+        for p in (pairs, org_pairs)
+    )
     meta = {"logins": int(logins.sum()), "expected_keys": expected, "sizes": sizes.tolist(),
             "top_share": float(np.bincount(ws, minlength=w).max() / n)}
     return values, keys, ws_part[ws], meta

@@ -378,7 +378,8 @@ async def _stages(
 
 
 async def _invalidate_workspace(client: Redis, keys: KeySpace, ws: Workspace) -> None:
-    pattern = keys.workspace_prefix(ws).replace("[", "\\[").replace("]", "\\]") + "hll:*"
+    # Sketches only (d, w, s, m): not the scope's seq hash, stamps or stored result.
+    pattern = keys.workspace_prefix(ws).replace("[", "\\[").replace("]", "\\]") + "hll:[dwsm]:*"
     pipe = client.pipeline(transaction=False)
     async for key in client.scan_iter(match=pattern, count=5000):
         pipe.setrange(key, 15, b"\x80")

@@ -151,7 +151,8 @@ async def invalidate_caches(client: Redis, prefix: str) -> int:
     state of sketches freshly written by the consumer."""
     n = 0
     pipe = client.pipeline(transaction=False)
-    async for key in client.scan_iter(match=f"{prefix}:*:hll:*", count=5000):
+    # Sketches only (d, w, s, m): not a scope's seq hash, stamps or stored result.
+    async for key in client.scan_iter(match=f"{prefix}:*:hll:[dwsm]:*", count=5000):
         pipe.setrange(key, 15, b"\x80")
         n += 1
         if n % 5000 == 0:
