@@ -19,7 +19,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from usage_metrics.config import Settings
+from sketches.config import Settings
 
 READ_METRICS = "workspace_metrics:read"
 WRITE_SETTINGS = "workspace_settings:write"
@@ -69,6 +69,22 @@ class Principal:
 
 
 _VERDICT = "usage_metrics.token_verdict"
+
+
+def caller_of(scope: MutableMapping[str, Any], verifier: TokenVerifier) -> Principal | None:
+    """The principal of a request's bearer token, or None without a token that verifies: for
+    the middlewares (rate limiter, body limit), which see the raw ASGI scope."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() != b"authorization":
+            continue
+        scheme, _, token = value.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        try:
+            return verify_once(scope, verifier, token.strip())
+        except (Unauthenticated, Forbidden):
+            return None
+    return None
 
 
 def verify_once(

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import Forbidden, TokenVerifier, Unauthenticated, verify_once
+from api.auth import TokenVerifier, caller_of
 
 MAX_BODY_BYTES = 64 * 1024
 WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
@@ -43,17 +43,7 @@ class BodyLimitMiddleware:
         self.prefix = prefix
 
     def _authenticated(self, scope: Scope) -> bool:
-        for name, value in scope.get("headers", ()):
-            if name.lower() == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                if scheme.lower() != "bearer" or not token.strip():
-                    return False
-                try:
-                    verify_once(scope, self.verifier, token.strip())
-                except (Unauthenticated, Forbidden):
-                    return False
-                return True
-        return False
+        return caller_of(scope, self.verifier) is not None
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = JSONResponse(

@@ -19,20 +19,14 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
+from api.dashboard import SECURITY_HEADERS  # the same tight CSP as the dashboard
+
 log = logging.getLogger(__name__)
 
 DOCS_PATH = "/docs"
 ASSET_PREFIX = "/docs/static/"
 ASSET_NAMES = ("swagger-ui.css", "swagger-ui-bundle.js", "favicon.png")
 
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
 _TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".png": "image/png"}
 

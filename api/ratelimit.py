@@ -49,8 +49,8 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.auth import Forbidden, TokenVerifier, Unauthenticated, verify_once
-from usage_metrics.config import Settings
+from api.auth import TokenVerifier, caller_of
+from sketches.config import Settings
 
 LIMITED_PREFIX = "/api/"
 MAX_CALLERS = 100_000
@@ -60,7 +60,6 @@ USAGE_SUFFIX = "/metrics/usage"
 # The cost model (module docstring), in sketch counts; a unit is a 30-day calendar query.
 DEFAULT_PERIOD_LENGTH = 365
 
-_AUTHORIZATION = b"authorization"
 
 
 class TokenBuckets:
@@ -155,17 +154,9 @@ class RateLimitMiddleware:
         self.prefix = prefix
 
     def caller(self, scope: Scope) -> Hashable:
-        for name, value in scope.get("headers", ()):
-            if name.lower() != _AUTHORIZATION:
-                continue
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                try:
-                    who = verify_once(scope, self.verifier, token.strip())
-                except (Unauthenticated, Forbidden):
-                    break
-                return ("token", who.subject, who.org_id)
-            break
+        who = caller_of(scope, self.verifier)
+        if who is not None:
+            return ("token", who.subject, who.org_id)
         client = scope.get("client")
         return ("ip", client[0] if client else "unknown")
 
