@@ -3,7 +3,7 @@
 # usage-metrics: one image, two roles.
 #   docker run IMAGE                          -> the API on 0.0.0.0:8000 (default CMD)
 #   docker run -e CONSUMER_HEALTH_PORT=8081 IMAGE consume   -> the Kafka consumer
-# Settings come from the environment only (see usage_metrics/config.py); nothing is baked in.
+# Settings come from the environment only (see sketches/config.py); nothing is baked in.
 
 # ---- build: install the project and its dependencies into a self-contained venv ----
 FROM python:3.11-slim AS build

@@ -24,10 +24,10 @@ from api.auth import Forbidden, TokenVerifier, Unauthenticated
 from api.bodylimit import BodyLimitMiddleware, document_413
 from api.routes import router
 from sketches import hll
+from sketches.config import Settings
 from sketches.errors import CorruptSketch, QueryBusy, StoreUnavailable
 from sketches.store import SketchStore
 from sketches.workspace_settings import TooManySettingsWithoutData
-from usage_metrics.config import Settings
 from usage_metrics.wiring import open_store
 
 log = logging.getLogger(__name__)

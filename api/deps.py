@@ -13,9 +13,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth import Principal, TokenVerifier, Unauthenticated, verify_once
+from sketches.config import Settings
 from sketches.results import Answers
 from sketches.store import SketchStore
-from usage_metrics.config import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="A JWT: HS256 with JWT_SECRET, or RS256/ES256")
 

@@ -16,11 +16,11 @@ from fastapi.exceptions import RequestValidationError
 from api.auth import READ_METRICS, Principal
 from api.deps import AnswersDep, PrincipalDep, SettingsDep, get_principal
 from api.schemas import ErrorBody, UsageMetric
+from sketches.config import Settings
 from sketches.keys import MAX_ORG_ID, MAX_WORKSPACE_ID, Workspace, org_scope
 from sketches.query import Metric, Window
 from sketches.results import Answers, Series
 from sketches.results import Query as AnswerQuery
-from usage_metrics.config import Settings
 
 # Authentication first: a caller without a valid token learns nothing, not even which input
 # would be invalid (router dependencies run before the route's own).

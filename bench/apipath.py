@@ -18,10 +18,10 @@ import httpx
 from api.app import create_app
 from api.auth import issue_token
 from sketches import hll
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.periods import periods_holding, utc_today
 from tests.support.servers import RedisServer
-from usage_metrics.config import Settings
 from usage_metrics.wiring import open_store
 
 ROUNDS = 40

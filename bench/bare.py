@@ -19,7 +19,7 @@ import orjson
 from aiokafka.structs import TopicPartition
 
 from consumer.runner import make_kafka_consumer
-from usage_metrics.config import Settings
+from sketches.config import Settings
 
 
 async def consume(

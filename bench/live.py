@@ -63,9 +63,9 @@ from bench.util import (
     tcp_ports,
     wait_http,
 )
+from sketches.config import Settings
 from sketches.keys import KeySpace, Workspace
 from sketches.periods import utc_today
-from usage_metrics.config import Settings
 
 LENGTH = 730
 WINDOWS = ("rolling", "calendar")

@@ -46,11 +46,11 @@ from bench.querydata import (
 )
 from bench.util import REPO, child, child_env, free_port, median, pct, python_cmd, say, summary_ms
 from bench.util import wait_http as _wait_http
+from sketches.config import Settings
 from sketches.keys import KeySpace, Workspace
 from sketches.periods import Granularity, date_range, day_of, month_of, periods_between
 from sketches.query import Metric, Window, usage
 from sketches.store import HllStore
-from usage_metrics.config import Settings
 
 WINDOWS = ("calendar", "rolling")
 

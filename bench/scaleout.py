@@ -48,10 +48,10 @@ import redis.cluster
 
 from bench.contention import CpuWatch, wait_quiet
 from bench.util import REPO, child_env, machine, python_cmd, say, stop_process
+from sketches.config import Settings
 from sketches.keys import KeySpace, Workspace
 from sketches.periods import date_range, periods_holding, utc_today
 from tests.support.servers import RedisServer, TansuBroker
-from usage_metrics.config import Settings
 from usage_metrics.wiring import open_store
 
 _TICK = os.sysconf("SC_CLK_TCK")

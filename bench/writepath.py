@@ -17,8 +17,8 @@ from aiokafka.structs import ConsumerRecord
 from consumer.batch import bucket, parse_records
 from consumer.events import Rules
 from consumer.settings_cache import SettingsCache
+from sketches.config import Settings
 from tests.support.servers import RedisServer
-from usage_metrics.config import Settings
 from usage_metrics.wiring import open_store
 
 WORKSPACES = 1000

@@ -26,10 +26,10 @@ from aiokafka.structs import TopicPartition
 
 from consumer.fetching import FetchOverBudget, InflateBudget, install, unreadable
 from consumer.runner import BatchWriter, Clock, make_kafka_consumer, utc_now
+from sketches.config import Settings
 from sketches.errors import UsageMetricsError
 from sketches.keys import Workspace
 from sketches.store import SketchStore
-from usage_metrics.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -50,10 +50,10 @@ from consumer.dlq import MAX_DLQ_REQUEST_BYTES, DeadLetters
 from consumer.events import Rules
 from consumer.fetching import FetchOverBudget, InflateBudget, install, unreadable
 from consumer.settings_cache import SettingsCache
+from sketches.config import Settings
 from sketches.errors import CorruptSketch, StoreUnavailable, UsageMetricsError
 from sketches.keys import Workspace
 from sketches.store import SketchStore
-from usage_metrics.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
+from sketches.config import Settings
 from sketches.store import SketchStore
 from tests.support.servers import RedisServer, TansuBroker
-from usage_metrics.config import Settings
 from usage_metrics.wiring import open_store
 
 # Two busy cores make generation slow now and then: wall-clock health checks and deadlines would

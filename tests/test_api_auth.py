@@ -25,10 +25,10 @@ from pydantic import SecretStr
 
 from api.app import create_app
 from api.auth import issue_token
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.periods import day_of, month_of, utc_today, week_of
 from sketches.store import SketchStore
-from usage_metrics.config import Settings
 
 OWN = "org-a"
 OTHER = "org-b"

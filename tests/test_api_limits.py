@@ -18,10 +18,10 @@ from api.auth import issue_token
 from api.bodylimit import MAX_BODY_BYTES
 from api.ratelimit import CostModel
 from sketches import workspace_settings as wss
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.store import SketchStore
 from sketches.workspace_settings import MAX_SETTINGS_WITHOUT_DATA, WorkspaceSettings
-from usage_metrics.config import Settings
 
 USAGE = "/api/v2/org/acme/workspace/ws-1/metrics/usage"
 SETTINGS = "/api/v2/org/acme/workspace/{ws}/settings"

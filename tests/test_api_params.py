@@ -18,6 +18,7 @@ from pydantic import SecretStr
 
 from api.app import create_app
 from api.auth import issue_token
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.periods import (
     Granularity,
@@ -30,7 +31,6 @@ from sketches.periods import (
 )
 from sketches.store import SketchStore
 from tests.support.servers import RedisServer, free_port
-from usage_metrics.config import Settings
 from usage_metrics.wiring import open_store
 
 # Known bugs outside this file's owner's reach. Each mark is strict: once the bug is fixed the

@@ -22,11 +22,11 @@ import httpx
 import pytest
 
 from api.auth import issue_token
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.periods import month_of, periods_holding, utc_today, week_of
 from sketches.store import SketchStore
 from tests.support.servers import free_port
-from usage_metrics.config import Settings
 
 USAGE = "/api/v2/org/{org}/workspace/{ws}/metrics/usage"
 USAGE_TEMPLATE = "/api/v2/org/{org_id}/workspace/{workspace_id}/metrics/usage"

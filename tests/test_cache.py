@@ -9,11 +9,11 @@ import httpx
 
 from api.app import create_app
 from api.auth import issue_token
+from sketches.config import Settings
 from sketches.results import ResultCache
 from sketches.store import SketchStore
 from tests.support.kafka import merge_ends, produce, wait_applied
 from tests.test_consumer import running
-from usage_metrics.config import Settings
 from usage_metrics.synth import SynthEvent
 
 

@@ -27,7 +27,7 @@ COMPOSE_FILE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
-# The environment variables usage_metrics.config.Settings reads (the service contract).
+# The environment variables sketches.config.Settings reads (the service contract).
 # Hard-coded on purpose: a typo in compose.yaml (KAFKA_BOOTSTRAP_SERVER, REDIS_URI...) would be
 # silently ignored by pydantic-settings and the service would run against its localhost defaults.
 KNOWN_SETTINGS = frozenset(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from usage_metrics.config import Settings, redact_url
+from sketches.config import Settings, redact_url
 
 
 @pytest.mark.parametrize(

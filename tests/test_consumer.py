@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.runner import FAULT_ENV
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.periods import utc_today
 from sketches.query import Window, usage
@@ -36,7 +37,6 @@ from tests.support.kafka import (
 )
 from tests.support.oracle import Oracle
 from tests.support.servers import free_port
-from usage_metrics.config import Settings
 from usage_metrics.synth import SynthEvent
 
 TODAY = utc_today()

@@ -34,12 +34,12 @@ import uvicorn
 
 from api.app import create_app
 from api.auth import issue_token
+from sketches.config import Settings
 from sketches.keys import Workspace, org_scope
 from sketches.periods import ONE_DAY, Period, month_of, periods_holding, utc_today, week_of
 from sketches.store import SketchStore
 from tests.conftest import unique
 from tests.support.servers import free_port
-from usage_metrics.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"

@@ -27,9 +27,9 @@ from consumer.dlq import (
     DeadLetters,
 )
 from consumer.runner import BatchWriter
+from sketches.config import Settings
 from sketches.store import SketchStore
 from tests.support.kafka import read_to_end
-from usage_metrics.config import Settings
 
 
 def size_as_broker_counts(key: bytes | None, value: bytes | None,

@@ -26,13 +26,13 @@ from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.store import SketchStore
 from tests.support.hostile import Case, good_events, one_of_each
 from tests.support.kafka import committed, read_to_end
 from tests.support.oracle import Oracle
 from tests.test_consumer import check_against_oracle, cli, consumer_env
-from usage_metrics.config import Settings
 from usage_metrics.synth import SynthEvent
 
 MAX_MESSAGE_BYTES = 1 << 20

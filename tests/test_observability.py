@@ -20,12 +20,12 @@ from pydantic import SecretStr
 from api.app import create_app
 from api.auth import issue_token
 from api.observability import current_request_id, sane_request_id
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.periods import periods_holding, utc_today
 from sketches.store import SketchStore
 from tests.conftest import unique
 from tests.support.servers import free_port
-from usage_metrics.config import Settings
 from usage_metrics.logs import JsonFormatter, TextFormatter
 from usage_metrics.wiring import open_store
 

@@ -15,11 +15,11 @@ from pydantic import SecretStr
 from api.app import create_app
 from api.auth import ROLE_PERMISSIONS, WRITE_ORG_SETTINGS, WRITE_SETTINGS, issue_token
 from sketches import workspace_settings as wss
+from sketches.config import Settings
 from sketches.keys import Workspace, org_scope
 from sketches.store import SketchStore
 from sketches.workspace_settings import OrgSettings
 from tests.support.servers import free_port
-from usage_metrics.config import Settings
 from usage_metrics.wiring import open_store
 
 ORG_URL = "/api/v2/org/{org}/settings"

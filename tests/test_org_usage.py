@@ -21,6 +21,7 @@ import pytest
 from api.app import create_app
 from api.auth import issue_token
 from sketches import workspace_settings as wss
+from sketches.config import Settings
 from sketches.keys import Workspace, org_scope
 from sketches.periods import utc_today
 from sketches.store import SketchStore
@@ -28,7 +29,6 @@ from sketches.workspace_settings import OrgSettings, WorkspaceSettings
 from tests.support.compare import assert_rows_match
 from tests.support.kafka import produce, running, wait_applied
 from tests.support.oracle import Oracle
-from usage_metrics.config import Settings
 from usage_metrics.synth import SynthEvent
 
 TODAY = utc_today()

@@ -9,11 +9,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from consumer.replay import ReplayStart, parse_offsets, replay
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.store import SketchStore
 from tests.support.kafka import produce, wait_applied
 from tests.test_consumer import check_against_oracle, consumer_env, oracle_of, running, synth
-from usage_metrics.config import Settings
 
 
 def test_offsets_argument_is_parsed_strictly() -> None:

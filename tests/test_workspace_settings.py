@@ -28,6 +28,7 @@ from consumer.events import Rules
 from consumer.replay import ReplayStart, replay
 from consumer.settings_cache import SettingsCache
 from sketches import workspace_settings as wss
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.periods import WEEK_STARTS, Granularity, day_of, month_of, sunday_week_of, week_of
 from sketches.query import Window, usage
@@ -37,7 +38,6 @@ from tests.support.compare import assert_rows_match, rows_as_dicts
 from tests.support.kafka import produce, wait_applied
 from tests.support.oracle import Oracle
 from tests.test_consumer import consumer_env, running
-from usage_metrics.config import Settings
 from usage_metrics.synth import SynthEvent
 
 WS = Workspace("acme", "tokyo")

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from usage_metrics.config import Settings
+from sketches.config import Settings
 from usage_metrics.logs import setup_logging
 from usage_metrics.progress import progress_bar
 

@@ -30,8 +30,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from api.app import create_app
 from api.auth import issue_token
 from consumer.runner import GroupConsumer
+from sketches.config import Settings
 from sketches.periods import utc_today
-from usage_metrics.config import Settings
 from usage_metrics.progress import progress_bar
 from usage_metrics.synth import logins, workspace_sizes
 from usage_metrics.wiring import open_store

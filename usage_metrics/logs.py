@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from usage_metrics.config import Settings
+from sketches.config import Settings
 
 CONTEXT_FIELDS = ("topic", "partition", "offset", "request_id", "key", "workspace")
 

@@ -14,8 +14,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from sketches.config import Settings
 from sketches.store import RedisClient, RollingStrategy, SketchStore, make_store
-from usage_metrics.config import Settings
 from usage_metrics.fastredis import HiredisPackConnection
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
+from sketches.config import Settings
 from tests.cluster.helpers import on_cluster, replaced
 from tests.cluster.servers import RedisClusterServers
-from usage_metrics.config import Settings
 
 
 @pytest.fixture(scope="session")

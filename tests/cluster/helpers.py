@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from usage_metrics.config import Settings
+from sketches.config import Settings
 
 
 def replaced(settings: Settings, **changes: Any) -> Settings:

@@ -12,6 +12,7 @@ import pytest
 
 from api.app import create_app
 from api.auth import issue_token
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.periods import utc_today
 from sketches.store import SketchStore
@@ -20,7 +21,6 @@ from tests.support.compare import assert_rows_match
 from tests.support.oracle import Oracle
 from tests.support.servers import free_port
 from tests.test_query import add_logins
-from usage_metrics.config import Settings
 from usage_metrics.wiring import open_store
 
 pytestmark = pytest.mark.xdist_group("cluster")

@@ -25,6 +25,7 @@ import redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.store import SketchStore, master_tags, node_record_key
 from tests.cluster.helpers import on_cluster
@@ -32,7 +33,6 @@ from tests.cluster.servers import RedisClusterServers, last_incr_aof, redis_cli_
 from tests.support.kafka import merge_ends, produce, wait_applied
 from tests.support.servers import RedisServer
 from tests.test_consumer import TODAY, check_against_oracle, oracle_of, running
-from usage_metrics.config import Settings
 from usage_metrics.synth import SynthEvent
 from usage_metrics.wiring import open_store
 

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
+from sketches.config import Settings
 from sketches.keys import KeySpace, Workspace
 from sketches.periods import Period, day_of, periods_holding
 from sketches.query import Metric, Window, usage
@@ -44,7 +45,6 @@ from tests.cluster.helpers import replaced
 from tests.support.compare import assert_rows_match, rows_as_dicts
 from tests.support.oracle import Oracle
 from tests.test_query import add_logins
-from usage_metrics.config import Settings
 from usage_metrics.wiring import open_store
 
 pytestmark = pytest.mark.xdist_group("cluster")

@@ -26,6 +26,7 @@ import httpx
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.periods import periods_holding, utc_today
 from sketches.query import Window, usage
@@ -34,7 +35,6 @@ from tests.conftest import create_topics
 from tests.support.compare import assert_rows_match, rows_as_dicts
 from tests.support.oracle import Oracle
 from tests.support.servers import free_port
-from usage_metrics.config import Settings
 from usage_metrics.synth import SynthEvent
 
 TODAY = utc_today()

@@ -26,6 +26,7 @@ import pytest
 
 from api.app import create_app
 from api.auth import issue_token
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.periods import periods_holding
 from sketches.store import SketchStore
@@ -38,7 +39,6 @@ from tests.faults.helpers import (
 )
 from tests.support.oracle import Oracle
 from tests.support.servers import RedisServer
-from usage_metrics.config import Settings
 from usage_metrics.wiring import open_store
 
 USAGE = "/api/v2/org/{org}/workspace/{ws}/metrics/usage"

@@ -17,6 +17,7 @@ import pytest
 
 from consumer.dlq import DeadLetters
 from consumer.runner import GroupConsumer
+from sketches.config import Settings
 from sketches.store import SketchStore
 from tests.faults.helpers import (
     Proc,
@@ -32,7 +33,6 @@ from tests.faults.helpers import (
     wait_until,
 )
 from tests.support.kafka import committed, merge_ends, produce, wait_applied
-from usage_metrics.config import Settings
 
 BAD = [
     b"not json",

@@ -38,10 +38,10 @@ from schemathesis.specs.openapi.checks import (
 
 from api.app import create_app
 from api.auth import ROLES, issue_token
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.periods import periods_holding
 from tests.faults.helpers import TODAY, Procs, fault_settings
-from usage_metrics.config import Settings
 
 USAGE = "/api/v2/org/{org}/workspace/{ws}/metrics/usage"
 SETTINGS_PATH = "/api/v2/org/{org}/workspace/{ws}/settings"

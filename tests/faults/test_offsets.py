@@ -12,6 +12,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from consumer.replay import ReplayStart, replay
+from sketches.config import Settings
 from sketches.store import SketchStore
 from tests.faults.helpers import (
     assert_buckets_exact,
@@ -24,7 +25,6 @@ from tests.faults.helpers import (
     wait_until,
 )
 from tests.support.kafka import committed, merge_ends, produce, running, wait_applied
-from usage_metrics.config import Settings
 
 EARLIEST = "reading from the earliest retained offset"
 

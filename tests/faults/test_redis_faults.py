@@ -21,6 +21,7 @@ import pytest
 
 from api.app import create_app
 from api.auth import issue_token
+from sketches.config import Settings
 from sketches.keys import Workspace
 from sketches.periods import day_of, week_of
 from sketches.store import SketchStore
@@ -41,7 +42,6 @@ from tests.faults.helpers import (
 from tests.support.compare import assert_rows_match
 from tests.support.kafka import committed, merge_ends, produce, running, wait_applied
 from tests.support.servers import RedisServer
-from usage_metrics.config import Settings
 from usage_metrics.synth import SynthEvent
 from usage_metrics.wiring import open_store
 

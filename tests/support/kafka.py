@@ -11,8 +11,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from consumer.runner import GroupConsumer
+from sketches.config import Settings
 from sketches.store import SketchStore
-from usage_metrics.config import Settings
 
 
 @asynccontextmanager

@@ -2,6 +2,10 @@
 
 Names follow the contract (section 5). Secrets are ``SecretStr`` so that a settings object that
 ends up in a log line or a traceback prints ``**********`` instead of the key.
+
+It lives here, beneath the adapters, rather than in ``usage_metrics`` (the composition root that
+builds and runs them): ``consumer/`` and ``api/`` read their settings without importing the
+package that imports them. It holds values only; nothing here opens a client.
 """
 
 from __future__ import annotations
