@@ -310,3 +310,24 @@ def test_hostile_values_get_the_verdict_the_contract_gives_them(case: Case) -> N
     e = case.counted
     assert parser.parse(case.value) == Login(Workspace(e.org_id, e.workspace_id), e.subject,
                                              e.timestamp)
+
+
+def test_a_verdict_on_deep_nesting_does_not_depend_on_the_recursion_limit() -> None:
+    """A login with an ignored field nested past orjson's limit is a bad message whatever the
+    process's recursion limit: msgspec's fast path skipped such a field when the limit was high
+    (Hypothesis raises it while it runs) and failed when it was low, so the verdict flipped."""
+    import sys
+
+    levels = 1024  # with the message's object, one past orjson's limit
+    deep = (b'{"metric_type":"login","subject":"u","org_id":"o","workspace_id":"w",'
+            b'"timestamp":"2026-11-24T08:15:00Z","x":' + b"[" * levels + b"]" * levels + b"}")
+    shallow = deep.replace(b"[" * levels, b"[" * 900).replace(b"]" * levels, b"]" * 900)
+    before = sys.getrecursionlimit()
+    try:
+        for limit in (before, 10_000):
+            sys.setrecursionlimit(limit)
+            with pytest.raises(BadMessage):
+                Parser(DEEP_RULES, NOW).parse(deep)
+            assert isinstance(Parser(DEEP_RULES, NOW).parse(shallow), Login), limit
+    finally:
+        sys.setrecursionlimit(before)
