@@ -70,7 +70,7 @@ import struct
 import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, timedelta
 from enum import IntEnum
 from typing import Any
@@ -349,14 +349,10 @@ class Snapshot:
 
 @dataclass
 class Counters:
-    """What this process's answers cost, for metrics and the benchmark."""
+    """How many answers were computed directly from the sketches, not from stored results (the
+    tests watch which path an answer took)."""
 
-    cache_hits: int = 0
-    stored_entries_reused: int = 0
-    entries_recomputed: int = 0
     direct: int = 0
-    writes: int = 0
-    recomputed_by_column: dict[str, int] = field(default_factory=dict)
 
 
 class ResultCache:
@@ -462,7 +458,6 @@ class Answers:
         cache_key = (snap.scope, snap.config.variant, query, render_kind)
         cached = self.cache.get(cache_key, snap.version)
         if cached is not None:
-            self.counters.cache_hits += 1
             return cached, True
         body = render(await self.series(snap, query))
         self.cache.put(cache_key, snap.version, body)
@@ -532,17 +527,11 @@ class Answers:
         }
         todo = {c: np.flatnonzero(mask) for c, mask in invalid.items() if mask.any()}
         if not todo:
-            self.counters.stored_entries_reused += n * len(columns)
             return stored
         async with self._slot(_reads(todo)):
             await self._recompute(snap.scope, stored, todo, snap.config)
         for c in todo:
             stored.seen[c] = current
-            name = c.name.lower()
-            self.counters.recomputed_by_column[name] = (
-                self.counters.recomputed_by_column.get(name, 0) + int(todo[c].size)
-            )
-            self.counters.entries_recomputed += int(todo[c].size)
         stored.seq = snap.seq
         await self._write_back(snap, stored)
         return stored
@@ -603,7 +592,6 @@ class Answers:
             # Encoded here, after the response: this request's ``stored`` is not used again.
             return await run_pipeline(self.store.client, [("SET", key, stored.encode(), "PX", ttl)])
 
-        self.counters.writes += 1
         if len(self._pending) >= MAX_PENDING_WRITES:
             await write()
             return

@@ -3,17 +3,19 @@
 Everything outside this module talks to ``SketchStore`` only, so the whole test suite runs against
 both implementations and the API cannot tell them apart except by accuracy:
 
-- ``HllStore`` keeps one Redis HyperLogLog per (workspace, period): 12 KB at most whatever the
-  number of users, about 0.81 % standard error.
-- ``ExactStore`` keeps one Redis set per (workspace, period): exact, memory grows with users. It is
+- ``HllStore`` keeps one Redis HyperLogLog per (scope, period), a scope being a workspace or an
+  org: 12 KB at most whatever the number of users, about 0.81 % standard error.
+- ``ExactStore`` keeps one Redis set per (scope, period): exact, memory grows with users. It is
   the oracle of the tests and fits small tenants.
 
 Writes are idempotent (adding a subject twice changes nothing), which is what makes at-least-once
-ingestion and replay safe. A batch is written as one non-transactional pipeline: the consumer
-commits Kafka offsets only after that pipeline has been acknowledged.
+ingestion and replay safe. A batch is written as one non-transactional pipeline of script calls,
+one (or a few) per scope (``sketches.writes``): the consumer commits Kafka offsets only after that
+pipeline has been acknowledged.
 
-Every key gets an absolute expiry, ``RETENTION_DAYS`` after the end of its period. Because the
-deadline depends only on the key, re-adding to an old key never extends its life.
+Every key gets an absolute expiry, ``RETENTION_DAYS`` after the end of its period, set by every
+write that finds it without one. Because the deadline depends only on the key, re-adding to an
+old key never extends its life.
 
 Redis Cluster (``REDIS_CLUSTER=true``)
 --------------------------------------
