@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, tzinfo
+from datetime import UTC, tzinfo
 from functools import lru_cache
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -276,9 +276,6 @@ class Resolved:
     def variant(self) -> str:
         """What shapes a scope's stored results besides its sketches: its zone and week."""
         return f"{self.timezone}|{self.week_start}"
-
-    def local_date(self, moment: datetime) -> date:
-        return moment.astimezone(self.tz).date()
 
     def is_excluded(self, subject: str) -> bool:
         return self.excluded is not None and self.excluded(subject)
