@@ -25,10 +25,10 @@ from api.bodylimit import BodyLimitMiddleware, document_413
 from api.routes import router
 from sketches import hll
 from sketches.config import Settings
+from sketches.connection import open_store
 from sketches.errors import CorruptSketch, QueryBusy, StoreUnavailable
+from sketches.scope_settings import TooManySettingsWithoutData
 from sketches.store import SketchStore
-from sketches.workspace_settings import TooManySettingsWithoutData
-from usage_metrics.wiring import open_store
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _detail(status: int, detail: str, headers: dict[str, str] | None = None) -> 
 
 RESPONSE_409: dict[str, Any] = {
     "description": "The org already has settings for as many workspaces without data as it "
-                   "may (sketches.workspace_settings.MAX_SETTINGS_WITHOUT_DATA)",
+                   "may (sketches.scope_settings.MAX_SETTINGS_WITHOUT_DATA)",
     "content": {"application/json": {
         "schema": {"type": "object", "properties": {"detail": {"type": "string"}},
                    "required": ["detail"]},

@@ -7,17 +7,24 @@ import re
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote
 
 import orjson
-from fastapi import APIRouter, Depends, Header, Path, Query, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, Header, Query, Response
 
-from api.auth import READ_METRICS, Principal
-from api.deps import AnswersDep, PrincipalDep, SettingsDep, get_principal
-from api.schemas import ErrorBody, UsageMetric
+from api.auth import Principal
+from api.deps import (
+    AnswersDep,
+    OrgDep,
+    SettingsDep,
+    WorkspaceDep,
+    get_principal,
+    invalid,
+    metrics_reader,
+    org_reader,
+)
+from api.schemas import ERROR_RESPONSES, UsageMetric
 from sketches.config import Settings
-from sketches.keys import MAX_ORG_ID, MAX_WORKSPACE_ID, Workspace, org_scope
+from sketches.keys import Scope
 from sketches.query import Metric, Window
 from sketches.results import Answers, Series
 from sketches.results import Query as AnswerQuery
@@ -34,66 +41,6 @@ DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 EARLIEST_DAY = date(1970, 1, 1)
 TIMEZONE_HEADER = "X-Timezone"
 CACHE_HEADER = "X-Cache"
-
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "No token, or a token that does not verify",
-          "content": {"application/json": {"example": {"detail": "missing bearer token"}}}},
-    403: {"model": ErrorBody, "description": "The token's role or org may not read this",
-          "content": {"application/json": {
-              "example": {"detail": "role 'basic' lacks the permission workspace_metrics:read"}}}},
-    503: {"model": ErrorBody, "description": "The store (Redis) is unreachable",
-          "content": {"application/json": {"example": {"detail": "store unavailable"}}}},
-}
-
-
-def invalid(loc: tuple[str, ...], msg: str, value: Any, kind: str = "value_error") -> Exception:
-    """A 422 with FastAPI's own error body, for rules a type annotation cannot state."""
-    return RequestValidationError([{"type": kind, "loc": loc, "msg": msg, "input": value}])
-
-
-def _path_id(name: str, raw: str, limit: int) -> str:
-    # Path ids arrive still percent-encoded (see api.app.RawPathIds), so an id may hold "/".
-    try:
-        value = unquote(raw, errors="strict")
-    except UnicodeDecodeError as err:
-        raise invalid(("path", name), "must be percent-encoded UTF-8", raw) from err
-    if not 1 <= len(value) <= limit:
-        raise invalid(("path", name), f"must have 1 to {limit} characters", value[:64])
-    return value
-
-
-async def workspace_ref(
-    org_id: Annotated[str, Path(description="Organization id (percent-encode '/' and '%')")],
-    workspace_id: Annotated[str, Path(description="Workspace id")],
-) -> Workspace:
-    return Workspace(
-        _path_id("org_id", org_id, MAX_ORG_ID),
-        _path_id("workspace_id", workspace_id, MAX_WORKSPACE_ID),
-    )
-
-
-WorkspaceDep = Annotated[Workspace, Depends(workspace_ref)]
-
-
-async def metrics_reader(ws: WorkspaceDep, caller: PrincipalDep) -> Principal:
-    caller.require(READ_METRICS, ws.org_id)
-    return caller
-
-
-async def org_ref(
-    org_id: Annotated[str, Path(description="Organization id (percent-encode '/' and '%')")],
-) -> Workspace:
-    """The org's own scope (its sketches count each member once across its workspaces)."""
-    return org_scope(_path_id("org_id", org_id, MAX_ORG_ID))
-
-
-OrgDep = Annotated[Workspace, Depends(org_ref)]
-
-
-async def org_reader(org: OrgDep, caller: PrincipalDep) -> Principal:
-    caller.require(READ_METRICS, org.org_id)
-    return caller
-
 
 def parse_metrics(values: list[str] | None) -> frozenset[Metric]:
     if not values:
@@ -212,7 +159,7 @@ UsageParamsDep = Annotated[UsageParams, Depends(usage_params)]
 
 
 async def serve_usage(
-    scope: Workspace, params: UsageParams, settings: Settings, answers: Answers
+    scope: Scope, params: UsageParams, settings: Settings, answers: Answers
 ) -> Response:
     """One round trip reads the scope's settings, change stamps and stored result; the rows
     come from ``sketches.results``, which recomputes only what changed."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -21,3 +23,14 @@ class UsageMetric(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "No token, or a token that does not verify",
+          "content": {"application/json": {"example": {"detail": "missing bearer token"}}}},
+    403: {"model": ErrorBody, "description": "The token's role or org may not read this",
+          "content": {"application/json": {
+              "example": {"detail": "role 'basic' lacks the permission workspace_metrics:read"}}}},
+    503: {"model": ErrorBody, "description": "The store (Redis) is unreachable",
+          "content": {"application/json": {"example": {"detail": "store unavailable"}}}},
+}

@@ -25,13 +25,21 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from api.auth import WRITE_ORG_SETTINGS, WRITE_SETTINGS, Principal
-from api.deps import PrincipalDep, SettingsDep, StoreDep, get_principal
-from api.routes import ERROR_RESPONSES, OrgDep, WorkspaceDep, metrics_reader, org_reader
-from api.schemas import ErrorBody
-from sketches import workspace_settings as ws_settings
-from sketches.keys import Workspace
-from sketches.store import SketchStore, run_pipeline
-from sketches.workspace_settings import OrgSettings, S, WorkspaceSettings
+from api.deps import (
+    OrgDep,
+    PrincipalDep,
+    SettingsDep,
+    StoreDep,
+    WorkspaceDep,
+    get_principal,
+    metrics_reader,
+    org_reader,
+)
+from api.schemas import ERROR_RESPONSES, ErrorBody
+from sketches import scope_settings as ws_settings
+from sketches.keys import Scope
+from sketches.scope_settings import OrgSettings, S, WorkspaceSettings
+from sketches.store import SketchStore
 
 router = APIRouter(dependencies=[Depends(get_principal)])
 
@@ -43,18 +51,6 @@ MERGE_PATCH_TYPE = "application/merge-patch+json"
 PATCH_ATTEMPTS = 5
 
 _JSON_OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
-
-# KEYS[1] the settings key; ARGV: "1" if a value was read (else "0"), the value read, the new one.
-_COMPARE_AND_SET = """
-local current = redis.call('GET', KEYS[1])
-if ARGV[1] == '0' then
-  if current then return 0 end
-elseif current ~= ARGV[2] then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[3])
-return 1
-"""
 
 WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
@@ -73,28 +69,6 @@ async def org_writer(org: OrgDep, caller: PrincipalDep) -> Principal:
 async def workspace_writer(ws: WorkspaceDep, caller: PrincipalDep) -> Principal:
     caller.require(WRITE_SETTINGS, ws.org_id)
     return caller
-
-
-# ---------------------------------------------------------------- store access
-
-
-async def read_raw(store: SketchStore, scope: Workspace) -> bytes | None:
-    """The stored JSON of a scope's settings, or None when none is stored."""
-    (raw,) = await run_pipeline(store.client, [("GET", store.keys.settings(scope))])
-    if isinstance(raw, BaseException):
-        return None  # as the usage route: an unreadable value means the defaults
-    return bytes(raw) if raw is not None else None
-
-
-async def compare_and_set(
-    store: SketchStore, scope: Workspace, expected: bytes | None, settings: S
-) -> bool:
-    """Store ``settings`` if the stored value is still ``expected``; False if it changed."""
-    (done,) = await run_pipeline(store.client, [(
-        "EVAL", _COMPARE_AND_SET, 1, store.keys.settings(scope),
-        "0" if expected is None else "1", expected or b"", ws_settings.encode(settings),
-    )])
-    return bool(done == 1)
 
 
 # ---------------------------------------------------------------- bodies
@@ -121,7 +95,7 @@ def merged(base: S, patch: Mapping[str, Any], defaults: S) -> S:
         raise _body_error(err) from None
 
 
-async def put(store: SketchStore, scope: Workspace, patch: Mapping[str, Any], defaults: S) -> S:
+async def put(store: SketchStore, scope: Scope, patch: Mapping[str, Any], defaults: S) -> S:
     new = merged(defaults, patch, defaults)
     await ws_settings.save(store.client, store.keys, scope, new)
     return new
@@ -129,7 +103,7 @@ async def put(store: SketchStore, scope: Workspace, patch: Mapping[str, Any], de
 
 async def patch(
     store: SketchStore,
-    scope: Workspace,
+    scope: Scope,
     changes: Mapping[str, Any],
     defaults: S,
     decode: Callable[[bytes | None], S],
@@ -140,12 +114,12 @@ async def patch(
     if not scope.is_org:  # bounded like PUT: settings of workspaces with no data are counted
         await ws_settings.admit(store.client, store.keys, scope)
     for _ in range(PATCH_ATTEMPTS):
-        raw = await read_raw(store, scope)
+        raw = await ws_settings.read_raw(store.client, store.keys, scope)
         current = decode(raw)
         new = merged(current, changes, defaults)
         if new == current:
             return current  # nothing to write (and defaults stay defaults, not pinned)
-        if await compare_and_set(store, scope, raw, new):
+        if await ws_settings.compare_and_set(store.client, store.keys, scope, raw, new):
             return new
     raise HTTPException(409, "the settings kept changing concurrently; try again")
 
@@ -212,7 +186,8 @@ async def get_workspace_settings(
     settings: SettingsDep,
     store: StoreDep,
 ) -> WorkspaceSettings:
-    return ws_settings.decode(await read_raw(store, ws), settings.default_timezone)
+    raw = await ws_settings.read_raw(store.client, store.keys, ws)
+    return ws_settings.decode(raw, settings.default_timezone)
 
 
 @router.put(
@@ -274,7 +249,8 @@ async def get_org_settings(
     settings: SettingsDep,
     store: StoreDep,
 ) -> OrgSettings:
-    return ws_settings.decode_org(await read_raw(store, org), settings.default_timezone)
+    raw = await ws_settings.read_raw(store.client, store.keys, org)
+    return ws_settings.decode_org(raw, settings.default_timezone)
 
 
 @router.put(

@@ -19,10 +19,10 @@ from api.app import create_app
 from api.auth import issue_token
 from sketches import hll
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.connection import open_store
+from sketches.keys import Scope
 from sketches.periods import periods_holding, utc_today
 from tests.support.servers import RedisServer
-from usage_metrics.wiring import open_store
 
 ROUNDS = 40
 
@@ -32,7 +32,7 @@ async def main() -> None:
     try:
         settings = Settings(redis_url=server.url, jwt_secret="x" * 40, rate_limit_per_minute=0,
                             _env_file=None)
-        ws = Workspace("acme", "dense")
+        ws = Scope("acme", "dense")
         today = utc_today()
         hll.warm_up()
         async with open_store(settings) as store:

@@ -1,7 +1,7 @@
 """The ingestion ceiling: a bare aiokafka consumer that only reads and JSON-decodes the topic.
 
 Run as its own process (``python -m bench.bare``), like the service's consumer, with the very
-fetch settings the service uses (``consumer.runner.make_kafka_consumer``) and the same batch size,
+fetch settings the service uses (``consumer.kafka.make_kafka_consumer``) and the same batch size,
 so that the difference between the two is the service's own work. Prints one JSON line.
 
 The rate counts the messages after the first batch over the time from the end of the first batch
@@ -18,7 +18,7 @@ import time
 import orjson
 from aiokafka.structs import TopicPartition
 
-from consumer.runner import make_kafka_consumer
+from consumer.kafka import make_kafka_consumer
 from sketches.config import Settings
 
 

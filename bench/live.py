@@ -64,7 +64,7 @@ from bench.util import (
     wait_http,
 )
 from sketches.config import Settings
-from sketches.keys import KeySpace, Workspace
+from sketches.keys import KeySpace, Scope
 from sketches.periods import utc_today
 
 LENGTH = 730
@@ -129,7 +129,7 @@ class Service:
         return {"seconds": seconds, "waited_s": now - launched,
                 "rate": moved / seconds if seconds > 0 else float("nan")}
 
-    def get(self, ws: Workspace, window: str, length: int = LENGTH) -> tuple[float, httpx.Response]:
+    def get(self, ws: Scope, window: str, length: int = LENGTH) -> tuple[float, httpx.Response]:
         url = _url(self.base, ws, length, window)
         t = time.perf_counter()
         resp = self.http.get(url)
@@ -290,7 +290,7 @@ def backfill_query(stack: Stack) -> dict[str, Any]:
     samples: list[dict[str, Any]] = []
     errors = 0
 
-    def one_round(number: int, pick: dict[Workspace, str]) -> None:
+    def one_round(number: int, pick: dict[Scope, str]) -> None:
         nonlocal errors
         for w in order:
             window = pick[w.ws]
@@ -413,7 +413,7 @@ def _wait_offset(svc: Service, partition: int, target: int, timeout: float = 60.
 
 
 def _live_pass(
-    svc: Service, ws: Workspace, window: str, seconds: float, partition: int, base: int,
+    svc: Service, ws: Scope, window: str, seconds: float, partition: int, base: int,
     truth: Truth, tolerance: float,
 ) -> dict[str, Any]:
     """Requests back to back for ``seconds``; each answer's today DAU between the distinct
@@ -520,7 +520,7 @@ def _slow_commands(svc: Service, entries: list[dict[str, Any]]) -> dict[str, Any
     }
 
 
-def _redis_cost(svc: Service, ws: Workspace, partition: int, rounds: int) -> dict[str, Any]:
+def _redis_cost(svc: Service, ws: Scope, partition: int, rounds: int) -> dict[str, Any]:
     """SLOWLOG at threshold 0 around single live queries, each asked once the consumer has
     applied new logins since the previous one (so no answer can simply be the previous one).
     Only the API's own connections count, so the consumer's writes meanwhile and the entries a
@@ -569,7 +569,7 @@ def _redis_cost(svc: Service, ws: Workspace, partition: int, rounds: int) -> dic
 
 
 def stored_memory(
-    client: redis.Redis, prefix: str, mode: str, picks: dict[str, Workspace]
+    client: redis.Redis, prefix: str, mode: str, picks: dict[str, Scope]
 ) -> dict[str, Any]:
     """``MEMORY USAGE ... SAMPLES 0`` of every key under ``prefix``, per hash tag: sketches,
     stored results (change stamps, counters, results) and the rest; the named workspaces, and

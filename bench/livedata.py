@@ -18,7 +18,7 @@ from datetime import date, timedelta
 
 import numpy as np
 
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from usage_metrics.synth import WEEKDAY_FACTOR
 
 # A live login is a member seen before (history or earlier today) or, with this probability, a
@@ -75,24 +75,24 @@ def within(value: int | None, lower: int, upper: int, tolerance: float) -> bool:
     return lower * (1 - tolerance) <= got <= upper * (1 + tolerance)
 
 
-def partition_of(ws: Workspace, partitions: int) -> int:
+def partition_of(ws: Scope, partitions: int) -> int:
     """The partition a keyed producer sends this workspace's messages to (key ``org/ws``, the
     key ``bench.ingest`` uses)."""
     return zlib.crc32(message_key(ws)) % partitions
 
 
-def message_key(ws: Workspace) -> bytes:
+def message_key(ws: Scope) -> bytes:
     return f"{ws.org_id}/{ws.workspace_id}".encode()
 
 
-def login_json(subject: str, ws: Workspace, timestamp: str) -> bytes:
+def login_json(subject: str, ws: Scope, timestamp: str) -> bytes:
     return (f'{{"metric_type":"login","subject":"{subject}","org_id":"{ws.org_id}",'
             f'"workspace_id":"{ws.workspace_id}","timestamp":"{timestamp}"}}').encode()
 
 
 @dataclass(frozen=True)
 class HistoryWorkspace:
-    ws: Workspace
+    ws: Scope
     cls: str  # "dense", "small" or "warmup"
     dau: int
     population: int
@@ -105,13 +105,13 @@ def plan(count: int, dense_dau: tuple[int, ...], seed: int) -> list[HistoryWorks
     out: list[HistoryWorkspace] = []
     dense = sorted(dense_dau, reverse=True)[:count]
     for j, dau in enumerate(dense):
-        out.append(HistoryWorkspace(Workspace("org-dense", f"dense-{j}-{dau}"), "dense", dau,
+        out.append(HistoryWorkspace(Scope("org-dense", f"dense-{j}-{dau}"), "dense", dau,
                                     int(dau / MEAN_ENGAGEMENT) + 1))
     for i in range(count - len(dense)):
         dau = int(10 + 90 * rng.random() ** 2)
-        out.append(HistoryWorkspace(Workspace(f"org-{i % 5}", f"small-{i:03d}"), "small", dau,
+        out.append(HistoryWorkspace(Scope(f"org-{i % 5}", f"small-{i:03d}"), "small", dau,
                                     int(dau / MEAN_ENGAGEMENT) + 1))
-    out.append(HistoryWorkspace(Workspace("org-warm", "warmup"), "warmup", 20, 60))
+    out.append(HistoryWorkspace(Scope("org-warm", "warmup"), "warmup", 20, 60))
     return out
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from bench.livedata import BLOCK, live_block, login_json, message_key, subject_name
-from sketches.keys import Workspace
+from sketches.keys import Scope
 
 TICK_S = 0.005
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--rate", type=float, default=1000.0, help="messages per second")
     args = p.parse_args(argv)
-    ws = Workspace(args.org, args.workspace)
+    ws = Scope(args.org, args.workspace)
     key = message_key(ws)
     producer = Producer({
         "bootstrap.servers": args.bootstrap,

@@ -25,9 +25,9 @@ from aiokafka.structs import ConsumerRecord
 from consumer.batch import bucket, parse_records
 from consumer.events import Rules
 from sketches.config import Settings
-from sketches.workspace_settings import OrgSettings, WorkspaceSettings, resolve
+from sketches.connection import open_store
+from sketches.scope_settings import OrgSettings, WorkspaceSettings, resolve
 from tests.support.servers import RedisServer
-from usage_metrics.wiring import open_store
 
 
 def traffic(events: int, workspaces: int, orgs: int, days: int, seed: int) -> list[bytes]:

@@ -47,7 +47,7 @@ from bench.querydata import (
 from bench.util import REPO, child, child_env, free_port, median, pct, python_cmd, say, summary_ms
 from bench.util import wait_http as _wait_http
 from sketches.config import Settings
-from sketches.keys import KeySpace, Workspace
+from sketches.keys import KeySpace, Scope
 from sketches.periods import Granularity, date_range, day_of, month_of, periods_between
 from sketches.query import Metric, Window, usage
 from sketches.store import HllStore
@@ -55,7 +55,7 @@ from sketches.store import HllStore
 WINDOWS = ("calendar", "rolling")
 
 
-def _url(base: str, ws: Workspace, period_length: int, window: str) -> str:
+def _url(base: str, ws: Scope, period_length: int, window: str) -> str:
     return (f"{base}/api/v2/org/{quote(ws.org_id, safe='')}/workspace/"
             f"{quote(ws.workspace_id, safe='')}/metrics/usage"
             f"?period_length={period_length}&window={window}")
@@ -377,7 +377,7 @@ async def _stages(
 # ---------------------------------------------------------------------------------------------
 
 
-async def _invalidate_workspace(client: Redis, keys: KeySpace, ws: Workspace) -> None:
+async def _invalidate_workspace(client: Redis, keys: KeySpace, ws: Scope) -> None:
     # Sketches only (d, w, s, m): not the scope's seq hash, stamps or stored result.
     pattern = keys.workspace_prefix(ws).replace("[", "\\[").replace("]", "\\]") + "hll:[dwsm]:*"
     pipe = client.pipeline(transaction=False)

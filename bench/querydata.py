@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 
 from bench.config import BenchConfig
 from bench.util import say
-from sketches.keys import KeySpace, Workspace
+from sketches.keys import KeySpace, Scope
 from sketches.periods import Period, day_of, month_of, week_of
 from sketches.store import ExactStore, HllStore
 from usage_metrics.synth import WEEKDAY_FACTOR
@@ -36,7 +36,7 @@ RETENTION_DAYS = 800
 
 @dataclass(frozen=True)
 class QueryWorkspace:
-    ws: Workspace
+    ws: Scope
     cls: str  # "small" or "large"
     target_dau: int
     population: int
@@ -49,7 +49,7 @@ class QueryData:
     first: date
     last: date
     exact_first: date
-    mean_dau: dict[Workspace, float]
+    mean_dau: dict[Scope, float]
     elements_added: int
     seconds: float
 
@@ -61,10 +61,10 @@ def plan(cfg: BenchConfig) -> list[QueryWorkspace]:
     out: list[QueryWorkspace] = []
     for i in range(n_small):
         dau = int(10 + 90 * rng.random() ** 2)  # tens a day
-        out.append(QueryWorkspace(Workspace(f"org-{i % 20:02d}", f"small-{i:03d}"), "small", dau,
+        out.append(QueryWorkspace(Scope(f"org-{i % 20:02d}", f"small-{i:03d}"), "small", dau,
                                   int(dau / MEAN_ENGAGEMENT) + 1))
     for j, dau in enumerate(cfg.large_dau[:n_large]):
-        out.append(QueryWorkspace(Workspace("org-big", f"large-{j}-{dau}"), "large", dau,
+        out.append(QueryWorkspace(Scope("org-big", f"large-{j}-{dau}"), "large", dau,
                                   int(dau / MEAN_ENGAGEMENT) + 1))
     return out
 
@@ -88,7 +88,7 @@ async def build(cfg: BenchConfig, redis_url: str, today: date) -> QueryData:
     spaces = plan(cfg)
     rng = np.random.default_rng(cfg.seed + 2)
     added = 0
-    mean_dau: dict[Workspace, float] = {}
+    mean_dau: dict[Scope, float] = {}
     try:
         for n, qw in enumerate(spaces):
             engagement = rng.beta(1.2, 2.5, size=qw.population)
@@ -97,8 +97,8 @@ async def build(cfg: BenchConfig, redis_url: str, today: date) -> QueryData:
             for lo in range(0, days, 7):
                 chunk = range(lo, min(lo + 7, days))
                 draws = rng.random((len(chunk), qw.population))
-                batch: dict[tuple[Workspace, Period], set[str]] = {}
-                wide: defaultdict[tuple[Workspace, Period], set[str]] = defaultdict(set)
+                batch: dict[tuple[Scope, Period], set[str]] = {}
+                wide: defaultdict[tuple[Scope, Period], set[str]] = defaultdict(set)
                 for row, i in enumerate(chunk):
                     d = dates[i]
                     idx = np.flatnonzero(draws[row] < engagement * factors[i])

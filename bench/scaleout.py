@@ -49,10 +49,10 @@ import redis.cluster
 from bench.contention import CpuWatch, wait_quiet
 from bench.util import REPO, child_env, machine, python_cmd, say, stop_process
 from sketches.config import Settings
-from sketches.keys import KeySpace, Workspace
+from sketches.connection import open_store
+from sketches.keys import KeySpace, Scope
 from sketches.periods import date_range, periods_holding, utc_today
 from tests.support.servers import RedisServer, TansuBroker
-from usage_metrics.wiring import open_store
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -304,7 +304,7 @@ async def memory_case(
     rng = random.Random(cfg.seed)
     settings = Settings(redis_url=url, redis_key_prefix="mem", sketch_mode=mode,
                         _env_file=None)
-    wss = [Workspace(f"org-{label}", f"ws-{i:04d}") for i in range(workspaces)]
+    wss = [Scope(f"org-{label}", f"ws-{i:04d}") for i in range(workspaces)]
     async with open_store(settings) as store:
         for d in days:
             batch: dict[Any, set[str]] = {}

@@ -18,8 +18,8 @@ from consumer.batch import bucket, parse_records
 from consumer.events import Rules
 from consumer.settings_cache import SettingsCache
 from sketches.config import Settings
+from sketches.connection import open_store
 from tests.support.servers import RedisServer
-from usage_metrics.wiring import open_store
 
 WORKSPACES = 1000
 EVENTS = 160_000

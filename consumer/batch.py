@@ -24,9 +24,9 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.events import Login, Parser, Rules
 from sketches.errors import BadMessage
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.periods import Period, WeekStart, periods_holding
-from sketches.workspace_settings import Resolved
+from sketches.scope_settings import Resolved
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
@@ -43,11 +43,11 @@ class Parsed:
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
     @property
-    def workspaces(self) -> set[Workspace]:
+    def workspaces(self) -> set[Scope]:
         return {login.workspace for login in self.logins}
 
     @property
-    def scopes(self) -> set[Workspace]:
+    def scopes(self) -> set[Scope]:
         """The batch's workspaces and their orgs: whose settings bucketing needs."""
         workspaces = self.workspaces
         return workspaces | {ws.org for ws in workspaces}
@@ -56,8 +56,8 @@ class Parsed:
 @dataclass
 class Prepared:
     # Members per (scope, local day); each scope's week and month follow from its week start.
-    days: dict[tuple[Workspace, date], set[str]] = field(default_factory=dict)
-    week_starts: dict[Workspace, WeekStart] = field(default_factory=dict)
+    days: dict[tuple[Scope, date], set[str]] = field(default_factory=dict)
+    week_starts: dict[Scope, WeekStart] = field(default_factory=dict)
     dead: list[tuple[Record, str]] = field(default_factory=list)
     logins: int = 0
     filtered: int = 0
@@ -65,10 +65,10 @@ class Prepared:
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
     @property
-    def sketches(self) -> dict[tuple[Workspace, Period], set[str]]:
+    def sketches(self) -> dict[tuple[Scope, Period], set[str]]:
         """Every sketch the batch adds to, with its members (what the store derives from
         ``days``; tests and tools read it)."""
-        out: defaultdict[tuple[Workspace, Period], set[str]] = defaultdict(set)
+        out: defaultdict[tuple[Scope, Period], set[str]] = defaultdict(set)
         for (scope, d), subjects in self.days.items():
             for p in periods_holding(d, self.week_starts[scope]):
                 out[(scope, p)] |= subjects
@@ -118,8 +118,8 @@ def _local_date(moment: datetime, tz: tzinfo) -> date:
 
 def bucket(
     parsed: Parsed,
-    configs: Mapping[Workspace, Resolved],
-    only: Workspace | None = None,
+    configs: Mapping[Scope, Resolved],
+    only: Scope | None = None,
 ) -> Prepared:
     """Group the logins into sketches of their workspace and of their org. ``configs`` must hold
     every scope of ``parsed.scopes``; ``only`` keeps one scope (a rebuild): a workspace alone, or
@@ -128,9 +128,9 @@ def bucket(
     out = Prepared(
         dead=list(parsed.dead), filtered=parsed.filtered, next_offsets=parsed.next_offsets
     )
-    per_day: defaultdict[tuple[Workspace, date], set[str]] = defaultdict(set)
+    per_day: defaultdict[tuple[Scope, date], set[str]] = defaultdict(set)
     # What each workspace of the batch needs, looked up once per workspace, not per login.
-    plans: dict[Workspace, tuple[Workspace, Resolved, tzinfo, bool, bool] | None] = {}
+    plans: dict[Scope, tuple[Scope, Resolved, tzinfo, bool, bool] | None] = {}
     excluded = counted = 0
     for i, login in enumerate(parsed.logins):
         try:

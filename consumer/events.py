@@ -21,7 +21,7 @@ import msgspec
 import orjson
 
 from sketches.errors import BadMessage
-from sketches.keys import MAX_ORG_ID, MAX_WORKSPACE_ID, Workspace
+from sketches.keys import MAX_ORG_ID, MAX_WORKSPACE_ID, Scope
 from sketches.periods import utc_date
 
 MAX_SUBJECT = 256
@@ -33,7 +33,7 @@ MAX_NESTING = 1024
 
 
 class Login(NamedTuple):
-    workspace: Workspace
+    workspace: Scope
     subject: str
     # The event's own time; which local day it counts on depends on the workspace's timezone.
     moment: datetime
@@ -130,8 +130,8 @@ class Parser:
     (several times faster than decoding to a dict and checking each field) and accepts its result
     only when every rule holds. Anything else, including every message that will be filtered or
     dead-lettered, goes through ``parse``'s careful path, which gives the same answer for what the
-    fast path accepts and a reason for what it refuses. Workspace ids are interned, so a batch
-    makes one ``Workspace`` per workspace, not one per event.
+    fast path accepts and a reason for what it refuses. Scope ids are interned, so a batch
+    makes one ``Scope`` per workspace, not one per event.
     """
 
     def __init__(self, rules: Rules, now: datetime) -> None:
@@ -139,13 +139,13 @@ class Parser:
         self.now = now
         self.oldest = now - timedelta(days=rules.retention_days)
         self.latest = now + FUTURE_TOLERANCE
-        self._workspaces: dict[tuple[str, str], Workspace] = {}
+        self._workspaces: dict[tuple[str, str], Scope] = {}
 
-    def workspace(self, org_id: str, workspace_id: str) -> Workspace:
+    def workspace(self, org_id: str, workspace_id: str) -> Scope:
         key = (org_id, workspace_id)
         ws = self._workspaces.get(key)
         if ws is None:
-            ws = self._workspaces[key] = Workspace(org_id, workspace_id)
+            ws = self._workspaces[key] = Scope(org_id, workspace_id)
         return ws
 
     def parse(self, value: bytes | None) -> Login | None:
@@ -212,4 +212,4 @@ def parse(value: bytes | None, rules: Rules, now: datetime) -> Login | None:
         )
     if moment > now + FUTURE_TOLERANCE:
         raise BadMessage(f"timestamp {moment.isoformat()} is more than 1 day in the future")
-    return Login(Workspace(org_id, workspace_id), subject, moment)
+    return Login(Scope(org_id, workspace_id), subject, moment)

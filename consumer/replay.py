@@ -25,10 +25,11 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from consumer.fetching import FetchOverBudget, InflateBudget, install, unreadable
-from consumer.runner import BatchWriter, Clock, make_kafka_consumer, utc_now
+from consumer.kafka import make_kafka_consumer
+from consumer.writer import BatchWriter, Clock, utc_now
 from sketches.config import Settings
 from sketches.errors import UsageMetricsError
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.store import SketchStore
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ async def replay(
     *,
     progress: Progress | None = None,
     clock: Clock = utc_now,
-    only: Workspace | None = None,
+    only: Scope | None = None,
 ) -> ReplayStats:
     """Re-read from ``start`` to the end as it stands now; ``only`` rebuilds one workspace."""
     consumer = make_kafka_consumer(settings, group_id=None)

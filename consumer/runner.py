@@ -36,23 +36,20 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer import metrics
-from consumer.batch import Parsed, Prepared, Record, bucket, parse_records
-from consumer.dlq import MAX_DLQ_REQUEST_BYTES, DeadLetters
-from consumer.events import Rules
+from consumer.batch import Parsed, Record
+from consumer.dlq import DeadLetters
 from consumer.fetching import FetchOverBudget, InflateBudget, install, unreadable
-from consumer.settings_cache import SettingsCache
+from consumer.kafka import make_dlq_producer, make_kafka_consumer
+from consumer.writer import BatchWriter, Clock, utc_now
 from sketches.config import Settings
-from sketches.errors import CorruptSketch, StoreUnavailable, UsageMetricsError
-from sketches.keys import Workspace
+from sketches.errors import StoreUnavailable, UsageMetricsError
 from sketches.store import SketchStore
 
 log = logging.getLogger(__name__)
@@ -64,179 +61,13 @@ FAULT_ENV = "USAGE_METRICS_FAULT"
 # that a batch's memory stays bounded whatever the records weigh.
 GATHER_FETCHES = 8
 
-Clock = Callable[[], datetime]
-
-FETCH_MAX_BYTES = 16 * 1024 * 1024
 # How long one probe of an unreadable range waits for a fetch, and how often it tries.
 PROBE_TIMEOUT_MS = 500
 PROBE_ATTEMPTS = 20
 
 
-T = TypeVar("T")
-
-
-class _Stopped:
-    """What a retried step returns when the consumer was asked to stop before it succeeded."""
-
-
-STOPPED = _Stopped()
-
-
 class ConsumerStalled(UsageMetricsError):
     """No progress for too long while there is lag: exit so a supervisor restarts us."""
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def rules_from(settings: Settings) -> Rules:
-    return Rules(
-        login_type=settings.login_metric_type,
-        retention_days=settings.retention_days,
-        max_bytes=settings.max_message_bytes,
-    )
-
-
-def make_kafka_consumer(settings: Settings, group_id: str | None) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        # Room for one oversized message per partition, so it can be dead-lettered.
-        max_partition_fetch_bytes=max(1024 * 1024, 2 * settings.max_message_bytes) + 65536,
-        # What one fetch may hold before it is inflated (consumer.fetching bounds the rest).
-        fetch_max_bytes=FETCH_MAX_BYTES,
-        session_timeout_ms=settings.consumer_session_timeout_ms,
-        heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
-    )
-
-
-def make_dlq_producer(settings: Settings) -> AIOKafkaProducer:
-    return AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        acks="all",
-        linger_ms=5,
-        max_request_size=MAX_DLQ_REQUEST_BYTES,
-        # A multi-megabyte bad value is usually text: compressed, it fits the topic's limit.
-        compression_type="zstd",
-    )
-
-
-class BatchWriter:
-    """Writes batches to the store and the dead-letter topic; shared by the group consumer and
-    replay, which differ only in how they pick offsets."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        store: SketchStore,
-        dead_letters: DeadLetters | None,
-        clock: Clock = utc_now,
-        only: Workspace | None = None,
-    ) -> None:
-        self.settings = settings
-        self.store = store
-        self.dead_letters = dead_letters
-        self.rules = rules_from(settings)
-        self.clock = clock
-        self.only = only
-        self.workspace_settings = SettingsCache(
-            store, settings.default_timezone, settings.settings_cache_seconds
-        )
-
-    def parse(self, records: list[Record]) -> Parsed:
-        return parse_records(records, self.rules, self.clock())
-
-    async def write(
-        self,
-        parsed: Parsed,
-        record_offsets: bool,
-        should_stop: Callable[[], bool] = lambda: False,
-    ) -> Prepared | None:
-        """Bucket and store the batch (retrying while Redis is away), then its dead letters.
-
-        Returns None when asked to stop before the store took the batch: the caller must then
-        not commit.
-        """
-        keys = self.store.keys
-        offsets: list[tuple[Any, ...]] = [
-            ("SET", keys.offsets(tp.topic, tp.partition), offset)
-            for tp, offset in parsed.next_offsets.items()
-        ] if record_offsets else []
-        timing: list[float] = []
-        deferred: list[tuple[Any, ...]] = []
-
-        async def store_batch() -> tuple[Prepared, list[CorruptSketch]]:
-            timing[:] = [time.perf_counter()]
-            configs = await self.workspace_settings.resolve(parsed.scopes)
-            prepared = bucket(parsed, configs, self.only)
-            # The store's offsets decide where a restart resumes, so they are recorded only once
-            # the batch's dead letters (bucketing may add some) are acknowledged: recorded with
-            # the sketches, a crash before the dead letters went out would skip them for good.
-            # (Fault suite: a crash after the store write loses no dead letter.)
-            if self.dead_letters is not None and prepared.dead:
-                after, deferred[:] = [], offsets
-            else:
-                after, deferred[:] = offsets, []
-            # After the sketches, on the same connection: the applied offsets.
-            return prepared, await self.store.add_by_day(
-                prepared.days, prepared.week_starts, after
-            )
-
-        stored = await self._retrying("storing the batch", store_batch, should_stop)
-        if isinstance(stored, _Stopped):
-            return None
-        prepared, failed = stored
-        metrics.BATCH_WRITE_SECONDS.observe(time.perf_counter() - timing[0])
-        for corrupt in failed:
-            metrics.CORRUPT_KEYS.inc()
-            log.error("sketch not updated, the key holds something else: %s", corrupt,
-                      extra={"key": corrupt.key})
-        if self.dead_letters is not None and prepared.dead:
-            dead_letters = self.dead_letters
-            sent = await self._retrying(
-                "sending dead letters", lambda: dead_letters.send(prepared.dead), should_stop
-            )
-            if isinstance(sent, _Stopped):
-                return None
-        if deferred:
-            # The batch is then re-read, its dead letters sent again: at least once, never lost.
-            done = await self._retrying(
-                "storing the batch's offsets", lambda: self.store.add({}, deferred), should_stop
-            )
-            if isinstance(done, _Stopped):
-                return None
-        metrics.EVENTS.labels("counted").inc(prepared.logins)
-        metrics.EVENTS.labels("filtered").inc(prepared.filtered)
-        metrics.EVENTS.labels("excluded").inc(prepared.excluded)
-        metrics.EVENTS.labels("dead_lettered").inc(len(prepared.dead))
-        return prepared
-
-    async def _retrying(
-        self, what: str, op: Callable[[], Awaitable[T]], should_stop: Callable[[], bool]
-    ) -> T | _Stopped:
-        """Run ``op`` until it succeeds, backing off from 0.1 s to ``REDIS_RETRY_MAX_BACKOFF_S``
-        and logging each failed attempt, while Redis or the broker is away; ``STOPPED`` when
-        asked to stop (or told by the watchdog to give up) between attempts."""
-        backoff = 0.1
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await op()
-            except (StoreUnavailable, KafkaError) as err:
-                if isinstance(err, StoreUnavailable):
-                    metrics.REDIS_ERRORS.inc()
-                if should_stop():
-                    log.warning("stopping before %s succeeded: %s", what, err)
-                    return STOPPED
-                log.warning(
-                    "%s failed (attempt %d), retrying in %.1fs: %s", what, attempt, backoff, err
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.settings.redis_retry_max_backoff_s)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from sketches import workspace_settings as ws_settings
-from sketches.keys import Workspace
+from sketches import scope_settings as ws_settings
+from sketches.keys import Scope
+from sketches.scope_settings import Resolved
 from sketches.store import SketchStore
-from sketches.workspace_settings import Resolved
 
 
 class SettingsCache:
@@ -29,12 +29,12 @@ class SettingsCache:
         self.default_timezone = default_timezone
         self.ttl = ttl_seconds
         self.clock = clock
-        self._cache: dict[Workspace, tuple[float, Resolved]] = {}
+        self._cache: dict[Scope, tuple[float, Resolved]] = {}
 
-    async def resolve(self, workspaces: Iterable[Workspace]) -> dict[Workspace, Resolved]:
+    async def resolve(self, workspaces: Iterable[Scope]) -> dict[Scope, Resolved]:
         now = self.clock()
-        out: dict[Workspace, Resolved] = {}
-        stale: list[Workspace] = []
+        out: dict[Scope, Resolved] = {}
+        stale: list[Scope] = []
         for ws in workspaces:
             hit = self._cache.get(ws)
             if hit is not None and now - hit[0] < self.ttl:

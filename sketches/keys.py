@@ -15,7 +15,7 @@ its workspaces) sit under ``{<org>}``: ``um:{acme}:hll:d:2026-11-24``.
   ``SKETCH_MODE`` starts empty instead of failing with ``WRONGTYPE``.
 
 A *scope* is what one series of sketches counts: a workspace, or a whole org. Both are a
-``Workspace`` tuple; an org is ``Workspace(org_id, "")``, which can never be a workspace because a
+``Scope`` tuple; an org is ``Scope(org_id, "")``, which can never be a workspace because a
 workspace id is never empty. Its hash tag ``{<org>}`` holds no ``:``, so no workspace tag can equal
 it, and an org's keys never share a slot requirement with its workspaces': a query of one scope
 never crosses slots, and org sketches are written at ingestion beside the workspace's rather than
@@ -35,7 +35,7 @@ MAX_ORG_ID = 128
 MAX_WORKSPACE_ID = 128
 
 
-class Workspace(NamedTuple):
+class Scope(NamedTuple):
     """An (org, workspace) pair, or an org's own scope (``workspace_id == ""``). A named tuple
     rather than a frozen dataclass: it is built and hashed for every event on the consumer's hot
     path, where tuples are several times cheaper."""
@@ -48,17 +48,17 @@ class Workspace(NamedTuple):
         return not self.workspace_id
 
     @property
-    def org(self) -> Workspace:
+    def org(self) -> Scope:
         """The org scope this workspace belongs to."""
-        return Workspace(self.org_id, ORG_SCOPE)
+        return Scope(self.org_id, ORG_SCOPE)
 
 
 ORG_SCOPE = ""
 """The workspace id of an org's own scope."""
 
 
-def org_scope(org_id: str) -> Workspace:
-    return Workspace(org_id, ORG_SCOPE)
+def org_scope(org_id: str) -> Scope:
+    return Scope(org_id, ORG_SCOPE)
 
 
 def encode_id(raw: str) -> str:
@@ -78,7 +78,7 @@ def _hash_tag(org_id: str, workspace_id: str) -> str:
 
 
 @functools.lru_cache(maxsize=1 << 18)
-def _sketch_key(prefix: str, mode: str, ws: Workspace, period: Period) -> str:
+def _sketch_key(prefix: str, mode: str, ws: Scope, period: Period) -> str:
     # Cached: a batch builds tens of thousands of keys, mostly the same as the batch before.
     kind = "hll" if mode == "hll" else "set"
     tag = _hash_tag(ws.org_id, ws.workspace_id)
@@ -90,10 +90,10 @@ class KeySpace:
     prefix: str
     mode: Literal["hll", "exact"]
 
-    def hash_tag(self, ws: Workspace) -> str:
+    def hash_tag(self, ws: Scope) -> str:
         return _hash_tag(ws.org_id, ws.workspace_id)
 
-    def workspace_prefix(self, ws: Workspace) -> str:
+    def workspace_prefix(self, ws: Scope) -> str:
         """Everything of one workspace starts with this (used to scan or delete it)."""
         return f"{self.prefix}:{self.hash_tag(ws)}:"
 
@@ -101,26 +101,26 @@ class KeySpace:
     def kind(self) -> str:
         return "hll" if self.mode == "hll" else "set"
 
-    def sketch(self, ws: Workspace, period: Period) -> str:
+    def sketch(self, ws: Scope, period: Period) -> str:
         return _sketch_key(self.prefix, self.mode, ws, period)
 
-    def seq(self, ws: Workspace) -> str:
+    def seq(self, ws: Scope) -> str:
         """A counter the write path increments once per batch that touches the scope; its value
         stamps the days that batch wrote (``sketches.results``)."""
         return f"{self.workspace_prefix(ws)}{self.kind}:seq"
 
-    def stamps(self, ws: Workspace) -> str:
+    def stamps(self, ws: Scope) -> str:
         """The per-day change stamps of the scope: a ring of u32 ``seq`` values (``BITFIELD``)."""
         return f"{self.workspace_prefix(ws)}{self.kind}:stamps"
 
-    def result(self, ws: Workspace, variant: str) -> str:
+    def result(self, ws: Scope, variant: str) -> str:
         """A stored result of the scope (``variant`` names its timezone and week start)."""
         return f"{self.workspace_prefix(ws)}{self.kind}:result:{variant}"
 
-    def settings(self, ws: Workspace) -> str:
+    def settings(self, ws: Scope) -> str:
         return f"{self.workspace_prefix(ws)}settings"
 
-    def version(self, ws: Workspace) -> str:
+    def version(self, ws: Scope) -> str:
         """A token the consumer replaces after every batch that writes this workspace's
         sketches; an API result cached under the same token cannot be stale."""
         return f"{self.workspace_prefix(ws)}{self.kind}:version"
@@ -136,10 +136,10 @@ class KeySpace:
 
     def settings_without_data(self, org_id: str) -> str:
         """The workspaces of one org that have settings but no data yet: a set, bounded per org
-        (``sketches.workspace_settings.save``), hash-tagged by the org."""
+        (``sketches.scope_settings.save``), hash-tagged by the org."""
         return f"{self.prefix}:settings-without-data:{{{encode_id(org_id)}}}"
 
-    def parse_workspace(self, key: str) -> Workspace:
+    def parse_workspace(self, key: str) -> Scope:
         """The workspace of one of this keyspace's workspace keys (inverse of hash_tag)."""
         head = f"{self.prefix}:{{"
         if not key.startswith(head):
@@ -148,4 +148,4 @@ class KeySpace:
         if ":" not in tag:
             return org_scope(decode_id(tag))
         org, ws = tag.split(":")
-        return Workspace(decode_id(org), decode_id(ws))
+        return Scope(decode_id(org), decode_id(ws))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from enum import StrEnum
 
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.periods import (
     Granularity,
     Period,
@@ -81,7 +81,7 @@ def forward_filled(periods: Sequence[Period], counts: Sequence[int]) -> dict[Per
 
 async def _calendar(
     store: SketchStore,
-    ws: Workspace,
+    ws: Scope,
     granularity: Granularity,
     days: Sequence[date],
     horizon: date,
@@ -93,7 +93,7 @@ async def _calendar(
 
 async def usage(
     store: SketchStore,
-    ws: Workspace,
+    ws: Scope,
     *,
     end: date,
     period_length: int,

@@ -79,7 +79,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sketches.errors import CorruptSketch, QueryBusy
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.periods import (
     Granularity,
     Period,
@@ -97,8 +97,8 @@ from sketches.query import (
     Window,
     usage,
 )
+from sketches.scope_settings import Resolved, ScopeSettings, decode_scope, resolve
 from sketches.store import SketchStore, run_pipeline
-from sketches.workspace_settings import Resolved, ScopeSettings, decode_scope, resolve
 from sketches.writes import STAMP_RING
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ class Query:
 class Snapshot:
     """What one round trip read about a scope: settings, version, ``seq``, stamps, result."""
 
-    scope: Workspace
+    scope: Scope
     settings: ScopeSettings
     config: Resolved
     version: bytes | None
@@ -410,9 +410,9 @@ class Answers:
         self.default_timezone = default_timezone
         self.cache = ResultCache(cache_entries)
         self.counters = Counters()
-        self._pending: dict[Workspace, asyncio.Task[list[Any]]] = {}
+        self._pending: dict[Scope, asyncio.Task[list[Any]]] = {}
 
-    async def snapshot(self, scope: Workspace) -> Snapshot:
+    async def snapshot(self, scope: Scope) -> Snapshot:
         await self._settled(scope)
         keys = self.store.keys
         variant_key = keys.result(scope, "v1")
@@ -537,7 +537,7 @@ class Answers:
         return stored
 
     async def _recompute(
-        self, scope: Workspace, stored: Stored, todo: dict[Column, npt.NDArray[np.intp]],
+        self, scope: Scope, stored: Stored, todo: dict[Column, npt.NDArray[np.intp]],
         config: Resolved,
     ) -> None:
         first = stored.first
@@ -599,14 +599,14 @@ class Answers:
         self._pending[snap.scope] = task
         task.add_done_callback(lambda t: self._written(snap.scope, t))
 
-    def _written(self, scope: Workspace, task: asyncio.Task[list[Any]]) -> None:
+    def _written(self, scope: Scope, task: asyncio.Task[list[Any]]) -> None:
         if self._pending.get(scope) is task:
             del self._pending[scope]
         if not task.cancelled() and task.exception() is not None:
             log.warning("stored result not written (the next request recomputes): %s",
                         task.exception())
 
-    async def _settled(self, scope: Workspace) -> None:
+    async def _settled(self, scope: Scope) -> None:
         """The next request of a scope reads what the previous one wrote: it waits for that
         write if it is still in flight (usually it is long done)."""
         task = self._pending.get(scope)

@@ -82,7 +82,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from sketches.errors import CorruptSketch, StoreUnavailable
-from sketches.keys import KeySpace, Workspace
+from sketches.keys import KeySpace, Scope
 from sketches.periods import ONE_DAY, Period, WeekStart, date_range, day_of
 from sketches.writes import (
     WRITE_SCRIPT,
@@ -95,7 +95,7 @@ from sketches.writes import (
 )
 
 RedisClient: TypeAlias = "Redis | RedisCluster"
-Batch: TypeAlias = Mapping[tuple[Workspace, Period], Collection[str]]
+Batch: TypeAlias = Mapping[tuple[Scope, Period], Collection[str]]
 RollingStrategy = Literal["client", "server"]
 
 # ``command key`` for each key, errors kept in place (redis.pcall): one command per chunk.
@@ -257,8 +257,8 @@ class SketchStore(abc.ABC):
 
     async def add_by_day(
         self,
-        days: Mapping[tuple[Workspace, date], Collection[str]],
-        week_starts: Mapping[Workspace, WeekStart],
+        days: Mapping[tuple[Scope, date], Collection[str]],
+        week_starts: Mapping[Scope, WeekStart],
         after: Sequence[tuple[Any, ...]] = (),
     ) -> list[CorruptSketch]:
         """``add`` of members per (scope, local day), each also counted in its week (by the
@@ -268,11 +268,11 @@ class SketchStore(abc.ABC):
         return await self._add_grouped(by_day(days, week_starts), after, now)
 
     async def _add_grouped(
-        self, grouped: Mapping[Workspace, ScopeWrite], after: Sequence[tuple[Any, ...]],
+        self, grouped: Mapping[Scope, ScopeWrite], after: Sequence[tuple[Any, ...]],
         now: float,
     ) -> list[CorruptSketch]:
         token = new_token()
-        scopes: list[Workspace] = []
+        scopes: list[Scope] = []
         commands: list[tuple[Any, ...]] = []
         for scope, write in grouped.items():
             for part in write.parts():
@@ -351,7 +351,7 @@ class SketchStore(abc.ABC):
         await run_pipeline(self.client, seal)
         return results
 
-    async def counts(self, ws: Workspace, periods: Sequence[Period]) -> list[int]:
+    async def counts(self, ws: Scope, periods: Sequence[Period]) -> list[int]:
         """Distinct subjects of each period on its own (0 where nobody logged in)."""
         keys = [self.keys.sketch(ws, p) for p in periods]
         results = await self._per_key(self._count_command("")[0], keys, COUNT_CHUNK)
@@ -386,24 +386,24 @@ class SketchStore(abc.ABC):
                 out.append(value)
         return out
 
-    async def rolling_counts(self, ws: Workspace, first: date, last: date, width: int) -> list[int]:
+    async def rolling_counts(self, ws: Scope, first: date, last: date, width: int) -> list[int]:
         """For each day ``d`` of ``first..last``: distinct subjects over ``d - width + 1 .. d``."""
         return (await self.rolling_counts_many(ws, first, last, [width]))[width]
 
     async def rolling_counts_many(
-        self, ws: Workspace, first: date, last: date, widths: Sequence[int]
+        self, ws: Scope, first: date, last: date, widths: Sequence[int]
     ) -> dict[int, list[int]]:
         """``rolling_counts`` for several widths, reading each day's sketch once."""
         return (await self.rolling_and_daily(ws, first, last, widths))[1]
 
     @abc.abstractmethod
     async def rolling_and_daily(
-        self, ws: Workspace, first: date, last: date, widths: Sequence[int]
+        self, ws: Scope, first: date, last: date, widths: Sequence[int]
     ) -> tuple[list[int], dict[int, list[int]]]:
         """For each day of ``first..last``: its own distinct subjects, and those of the
         ``width`` days ending there for each width; each day's sketch read once for both."""
 
-    async def day_values(self, ws: Workspace, days: Sequence[date]) -> list[Any]:
+    async def day_values(self, ws: Scope, days: Sequence[date]) -> list[Any]:
         """The raw value of each day's key (``None`` where absent), read in one round trip."""
         keys = [self.keys.sketch(ws, day_of(d)) for d in days]
         values = await self._per_key(self._read_command, keys, READ_CHUNK)
@@ -454,7 +454,7 @@ class SketchStore(abc.ABC):
         except rexc.RedisClusterException as err:
             raise _cluster_unavailable(err) from err
 
-    async def delete_workspace(self, ws: Workspace) -> int:
+    async def delete_workspace(self, ws: Scope) -> int:
         """Remove every sketch of one scope, its change stamps and stored results (its settings
         and its ``seq`` counter stay: see ``sketches.writes``); returns keys deleted.
 
@@ -481,7 +481,7 @@ class SketchStore(abc.ABC):
             raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
         return deleted
 
-    async def _delete_workspace_on_cluster(self, ws: Workspace) -> int:
+    async def _delete_workspace_on_cluster(self, ws: Scope) -> int:
         assert isinstance(self.client, RedisCluster)
         prefix = self.keys.workspace_prefix(ws).encode()
         slot = key_slot(prefix)
@@ -528,7 +528,7 @@ class HllStore(SketchStore):
         return ("PFCOUNT", key)
 
     async def rolling_and_daily(
-        self, ws: Workspace, first: date, last: date, widths: Sequence[int]
+        self, ws: Scope, first: date, last: date, widths: Sequence[int]
     ) -> tuple[list[int], dict[int, list[int]]]:
         if last < first:
             return [], {w: [] for w in widths}
@@ -556,7 +556,7 @@ class HllStore(SketchStore):
             raise CorruptSketch(self.keys.sketch(ws, day_of(first)), str(err)) from err
 
     async def _rolling_server(
-        self, ws: Workspace, first: date, last: date, width: int
+        self, ws: Scope, first: date, last: date, width: int
     ) -> list[int]:
         commands = []
         for d in date_range(first, last):
@@ -581,7 +581,7 @@ class ExactStore(SketchStore):
         return ("SCARD", key)
 
     async def rolling_and_daily(
-        self, ws: Workspace, first: date, last: date, widths: Sequence[int]
+        self, ws: Scope, first: date, last: date, widths: Sequence[int]
     ) -> tuple[list[int], dict[int, list[int]]]:
         """Days are read ``EXACT_READ_DAYS`` at a time and only the widest window's days are
         kept, so a 730-day query holds about two months of members, not two years of them."""

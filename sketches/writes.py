@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sketches.keys import KeySpace, Workspace
+from sketches.keys import KeySpace, Scope
 from sketches.periods import Granularity, Period, WeekStart, periods_holding
 
 STAMP_RING = 1024
@@ -173,12 +173,12 @@ class ScopeWrite:
 
 
 def group_by_scope(
-    batch: Mapping[tuple[Workspace, Period], Collection[str]],
-) -> dict[Workspace, ScopeWrite]:
+    batch: Mapping[tuple[Scope, Period], Collection[str]],
+) -> dict[Scope, ScopeWrite]:
     """The batch per scope, with the days to stamp: every day written, and for a week or month
     written without any of its days (not something the consumer does) its first day, so that its
     calendar count is still recomputed."""
-    out: dict[Workspace, ScopeWrite] = {}
+    out: dict[Scope, ScopeWrite] = {}
     day = Granularity.DAY
     for (scope, period), members in batch.items():
         if not members:
@@ -203,7 +203,7 @@ def group_by_scope(
 def script_call(
     sha: str,
     keys: KeySpace,
-    scope: Workspace,
+    scope: Scope,
     write: ScopeWrite,
     *,
     retention_days: int,
@@ -251,15 +251,15 @@ def script_call(
 
 
 def by_day(
-    days: Mapping[tuple[Workspace, date], Collection[str]],
-    week_starts: Mapping[Workspace, WeekStart],
-) -> dict[Workspace, ScopeWrite]:
+    days: Mapping[tuple[Scope, date], Collection[str]],
+    week_starts: Mapping[Scope, WeekStart],
+) -> dict[Scope, ScopeWrite]:
     """A batch given as members per (scope, local day), as the consumer buckets it: each day's
     members are sent once, for its day sketch, and the script adds the same arguments to the
     day's week and month too. So Python neither unions sets per week and month nor packs the
     members three times, and Redis does the adds it always did. (Merging day sketches into
     weeks with ``PFMERGE`` was measured and dropped: into a sparse week it costs up to ~2 ms.)"""
-    out: dict[Workspace, ScopeWrite] = {}
+    out: dict[Scope, ScopeWrite] = {}
     for (scope, d), members in days.items():
         if not members:
             continue

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
 from sketches.config import Settings
+from sketches.connection import open_store
 from sketches.store import SketchStore
 from tests.support.servers import RedisServer, TansuBroker
-from usage_metrics.wiring import open_store
 
 # Two busy cores make generation slow now and then: wall-clock health checks and deadlines would
 # turn load into flaky failures. CI runs derandomized so a failure reproduces exactly.

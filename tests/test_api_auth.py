@@ -26,7 +26,7 @@ from pydantic import SecretStr
 from api.app import create_app
 from api.auth import issue_token
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.periods import day_of, month_of, utc_today, week_of
 from sketches.store import SketchStore
 
@@ -111,7 +111,7 @@ async def seeded(store: SketchStore) -> SketchStore:
     d = seed_day()
     batch: dict[Any, set[str]] = {}
     for org, (dau, wau, mau) in NUMBERS.items():
-        ws = Workspace(org, WS)
+        ws = Scope(org, WS)
         batch[(ws, day_of(d))] = {f"u{i}" for i in range(dau)}
         batch[(ws, week_of(d))] = {f"u{i}" for i in range(wau)}
         batch[(ws, month_of(d))] = {f"u{i}" for i in range(mau)}

@@ -11,17 +11,17 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.types import Scope
+from starlette.types import Scope as AsgiScope
 
 from api.app import create_app
 from api.auth import issue_token
 from api.bodylimit import MAX_BODY_BYTES
 from api.ratelimit import CostModel
-from sketches import workspace_settings as wss
+from sketches import scope_settings as wss
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.keys import Scope
+from sketches.scope_settings import MAX_SETTINGS_WITHOUT_DATA, WorkspaceSettings
 from sketches.store import SketchStore
-from sketches.workspace_settings import MAX_SETTINGS_WITHOUT_DATA, WorkspaceSettings
 
 USAGE = "/api/v2/org/acme/workspace/ws-1/metrics/usage"
 SETTINGS = "/api/v2/org/acme/workspace/{ws}/settings"
@@ -38,7 +38,7 @@ def auth(settings: Settings, sub: str = "alice", role: str = "admin") -> dict[st
     return {"Authorization": f"Bearer {token}"}
 
 
-def scope(path: str, query: str = "") -> Scope:
+def scope(path: str, query: str = "") -> AsgiScope:
     return {"type": "http", "path": path, "query_string": query.encode()}
 
 
@@ -98,12 +98,12 @@ async def test_heavy_recomputes_beyond_the_process_bound_get_503_at_once(
     next heavy one is refused with 503 at once; a light one (a live day) is not held back."""
     from datetime import timedelta
 
-    from sketches.keys import Workspace
+    from sketches.keys import Scope
     from sketches.periods import periods_holding, utc_today
 
     today = utc_today()
     for i in range(4):
-        ws = Workspace("acme", f"ws-{i}")
+        ws = Scope("acme", f"ws-{i}")
         await store.add({(ws, p): {"a", "b"} for d in range(0, 400, 7)
                          for p in periods_holding(today - timedelta(days=d))})
     release = asyncio.Event()
@@ -129,7 +129,7 @@ async def test_heavy_recomputes_beyond_the_process_bound_get_503_at_once(
             return f"/api/v2/org/acme/workspace/ws-{i}/metrics/usage"
 
         assert (await c.get(url(3), params=dau)).status_code == 200  # its DAU column stored
-        await store.add({(Workspace("acme", "ws-3"), p): {"new"} for p in periods_holding(today)})
+        await store.add({(Scope("acme", "ws-3"), p): {"new"} for p in periods_holding(today)})
         store.rolling_and_daily = held  # type: ignore[method-assign]
         first = [asyncio.create_task(c.get(url(i), params=rolling)) for i in range(2)]
         await asyncio.wait_for(reached.wait(), 10)
@@ -191,16 +191,16 @@ async def test_settings_of_workspaces_without_data_are_bounded_per_org(
     again = await client.put(SETTINGS.format(ws="new-7"), json={"timezone": "UTC"},
                              headers=auth(settings))
     assert again.status_code == 200
-    await store.client.set(store.keys.version(Workspace("acme", "has-data")), "v")
+    await store.client.set(store.keys.version(Scope("acme", "has-data")), "v")
     with_data = await client.put(SETTINGS.format(ws="has-data"), json=body,
                                  headers=auth(settings))
     assert with_data.status_code == 200
     # Once one of the counted workspaces receives data, it no longer counts.
-    await store.client.set(store.keys.version(Workspace("acme", "new-3")), "v")
+    await store.client.set(store.keys.version(Scope("acme", "new-3")), "v")
     assert (await client.put(SETTINGS.format(ws="one-too-many"), json=body,
                              headers=auth(settings))).status_code == 200
     # Another org has its own bound.
-    await wss.save(store.client, store.keys, Workspace("globex", "w"),
+    await wss.save(store.client, store.keys, Scope("globex", "w"),
                    WorkspaceSettings(timezone="UTC"))
     assert await store.client.scard(store.keys.settings_without_data("globex")) == 1
     assert await store.client.scard(store.keys.settings_without_data("acme")) == (

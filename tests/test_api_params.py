@@ -19,7 +19,8 @@ from pydantic import SecretStr
 from api.app import create_app
 from api.auth import issue_token
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.connection import open_store
+from sketches.keys import Scope
 from sketches.periods import (
     Granularity,
     day_of,
@@ -31,7 +32,6 @@ from sketches.periods import (
 )
 from sketches.store import SketchStore
 from tests.support.servers import RedisServer, free_port
-from usage_metrics.wiring import open_store
 
 # Known bugs outside this file's owner's reach. Each mark is strict: once the bug is fixed the
 # test XPASSes, fails, and the mark must go.
@@ -87,7 +87,7 @@ def token(settings: Settings, role: str = "superadmin", org: str | None = ORG) -
     return issue_token(settings, role=role, org_id=org, ttl_seconds=600, now=time.time())
 
 
-async def add_logins(store: SketchStore, ws: Workspace, day: date, users: set[str]) -> None:
+async def add_logins(store: SketchStore, ws: Scope, day: date, users: set[str]) -> None:
     """As the consumer does: a login counts in its day, its ISO week and its month."""
     assert await store.add({(ws, p): users for p in periods_holding(day)}) == []
 
@@ -193,7 +193,7 @@ async def busy(store: SketchStore) -> tuple[date, date]:
     ``first..today`` in both windows."""
     today = utc_today()
     first = today - timedelta(days=9)
-    ws = Workspace(ORG, WS)
+    ws = Scope(ORG, WS)
     d = first
     while d <= today:
         await add_logins(store, ws, d, {"u0", f"u{d.day}"})
@@ -336,7 +336,7 @@ async def test_a_metric_not_asked_for_costs_no_redis_work(
 ) -> None:
     c, st, admin = counted.client, counted.store, counted.admin
     today = utc_today()
-    ws = Workspace(ORG, WS)
+    ws = Scope(ORG, WS)
     for i in range(4):
         await add_logins(st, ws, today - timedelta(days=i), {"u1", f"v{i}"})
     base = {"end_date": today.isoformat(), "period_length": 3}
@@ -409,7 +409,7 @@ async def calendar_differs(store: SketchStore) -> date:
     """A day whose own sketch, ISO week and month hold 2, 3 and 4 subjects: calendar and rolling
     windows give different answers on it."""
     d = utc_today() - timedelta(days=2)
-    ws = Workspace(ORG, WS)
+    ws = Scope(ORG, WS)
     assert await store.add({
         (ws, day_of(d)): {"u1", "u2"},
         (ws, week_of(d)): {"u1", "u2", "u3"},
@@ -583,7 +583,7 @@ async def test_ids_with_any_characters_are_served_and_isolated(
 ) -> None:
     d = utc_today() - timedelta(days=1)
     for n, (org, ws) in enumerate(ODD_IDS, start=1):
-        await add_logins(store, Workspace(org, ws), d, {f"u{i}" for i in range(n)})
+        await add_logins(store, Scope(org, ws), d, {f"u{i}" for i in range(n)})
     params: dict[str, Any] = {"end_date": d.isoformat(), "period_length": 0, "metrics": "dau"}
     for n, (org, ws) in enumerate(ODD_IDS, start=1):
         resp = await client.get(usage_path(org, ws), params=params)
@@ -597,8 +597,8 @@ async def test_percent_encoded_slash_and_double_encoding_differ(
     client: httpx.AsyncClient, store: SketchStore
 ) -> None:
     d = utc_today() - timedelta(days=1)
-    await add_logins(store, Workspace("a/b", "w"), d, {"u1"})
-    await add_logins(store, Workspace("a%2Fb", "w"), d, {"u1", "u2"})
+    await add_logins(store, Scope("a/b", "w"), d, {"u1"})
+    await add_logins(store, Scope("a%2Fb", "w"), d, {"u1", "u2"})
     params: dict[str, Any] = {"end_date": d.isoformat(), "period_length": 0, "metrics": "dau"}
     slash = await client.get("/api/v2/org/a%2Fb/workspace/w/metrics/usage", params=params)
     double = await client.get("/api/v2/org/a%252Fb/workspace/w/metrics/usage", params=params)
@@ -615,7 +615,7 @@ async def test_admin_of_an_org_with_a_slash_reads_it_and_only_it(
     client: httpx.AsyncClient, settings: Settings, store: SketchStore
 ) -> None:
     d = utc_today() - timedelta(days=1)
-    await add_logins(store, Workspace("a/b", "w"), d, {"u1"})
+    await add_logins(store, Scope("a/b", "w"), d, {"u1"})
     headers = {"Authorization": f"Bearer {token(settings, role='admin', org='a/b')}"}
     params: dict[str, Any] = {"end_date": d.isoformat(), "period_length": 0}
     own = await client.get(usage_path("a/b", "w"), params=params, headers=headers)

@@ -23,7 +23,7 @@ import pytest
 
 from api.auth import issue_token
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.periods import month_of, periods_holding, utc_today, week_of
 from sketches.store import SketchStore
 from tests.support.servers import free_port
@@ -104,8 +104,8 @@ def api(settings: Settings, tmp_path: Path) -> Iterator[ApiProcess]:
 
 async def test_served_by_uvicorn(api: ApiProcess, settings: Settings, store: SketchStore) -> None:
     day = utc_today() - timedelta(days=1)
-    plain = Workspace("acme", "ws-1")
-    slashed = Workspace("a/b", "c:d")
+    plain = Scope("acme", "ws-1")
+    slashed = Scope("a/b", "c:d")
     for ws, users in ((plain, {"u1", "u2", "u3"}), (slashed, {"u1"})):
         assert await store.add({(ws, p): users for p in periods_holding(day)}) == []
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench import livedata
-from sketches.keys import KeySpace, Workspace
+from sketches.keys import KeySpace, Scope
 from sketches.periods import day_of, month_of, week_of
 
 codes = st.lists(st.integers(min_value=0, max_value=50), max_size=200)
@@ -52,7 +52,7 @@ def test_within_takes_the_tolerance_of_an_estimate_only() -> None:
 
 def test_key_kind_sorts_a_workspace_keys() -> None:
     ks = KeySpace("lv", "hll")
-    ws = Workspace("org:{a}", "ws/1 é")
+    ws = Scope("org:{a}", "ws/1 é")
     head = ks.workspace_prefix(ws)
     d = date(2026, 11, 24)
     for period in (day_of(d), week_of(d), month_of(d)):

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.runner import FAULT_ENV
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.periods import utc_today
 from sketches.query import Window, usage
 from sketches.store import SketchStore
@@ -44,7 +44,7 @@ TODAY = utc_today()
 
 
 def synth(
-    n: int, ws: Workspace, days: int = 20, users: int = 40, seed: int = 0
+    n: int, ws: Scope, days: int = 20, users: int = 40, seed: int = 0
 ) -> list[SynthEvent]:
     rng = random.Random(seed)
     out = []
@@ -57,13 +57,13 @@ def synth(
 
 def oracle_of(events: list[SynthEvent]) -> Oracle:
     return Oracle(
-        (Workspace(e.org_id, e.workspace_id), e.subject, e.timestamp.date())
+        (Scope(e.org_id, e.workspace_id), e.subject, e.timestamp.date())
         for e in events if e.metric_type == "login"
     )
 
 
 async def check_against_oracle(
-    store: SketchStore, oracle: Oracle, ws: Workspace, mode: str
+    store: SketchStore, oracle: Oracle, ws: Scope, mode: str
 ) -> None:
     for window in (Window.CALENDAR, Window.ROLLING):
         rows = await usage(store, ws, end=TODAY, period_length=40, window=window,
@@ -75,7 +75,7 @@ async def test_logins_are_counted_bad_ones_dead_lettered_others_filtered(
     settings: Settings, store: SketchStore, topics: tuple[str, str], sketch_mode: str
 ) -> None:
     topic, dlq = topics
-    ws = Workspace("acme", "ws-1")
+    ws = Scope("acme", "ws-1")
     events = synth(600, ws)
     others = [SynthEvent("acme", "ws-1", "u1", e.timestamp, "page_view") for e in events[:50]]
     bad = [b"not json", b"\xff\xfe", b"[]", orjson.dumps({"metric_type": "login"}),
@@ -125,9 +125,9 @@ async def test_the_offset_record_follows_every_sketch_write_on_the_wire(
     offsets-first mutant once failed only a slow fault test; this one takes a second."""
     from aiokafka.structs import ConsumerRecord
 
-    from consumer.runner import BatchWriter
+    from consumer.writer import BatchWriter
 
-    events = synth(200, Workspace("order", "ws"), seed=29)
+    events = synth(200, Scope("order", "ws"), seed=29)
     records = [ConsumerRecord(settings.kafka_topic, i % 2, i // 2, 0, 0, None, e.to_json(), None,
                               0, 0, []) for i, e in enumerate(events)]
     writer = BatchWriter(settings, store, None)
@@ -161,7 +161,7 @@ async def test_a_one_megabyte_message_is_dead_lettered_and_the_rest_counted(
     settings: Settings, store: SketchStore, topics: tuple[str, str]
 ) -> None:
     topic, dlq = topics
-    ws = Workspace("big", "ws")
+    ws = Scope("big", "ws")
     huge = orjson.dumps({"metric_type": "login", "subject": "x" * (1024 * 1024 - 200),
                          "org_id": "big", "workspace_id": "ws", "timestamp": TODAY.isoformat()})
     after = synth(30, ws, days=3, users=10, seed=3)
@@ -189,7 +189,7 @@ async def test_every_compression_codec_with_and_without_keys(
     if sketch_mode == "hll" and codec != "zstd":
         pytest.skip("codecs are a transport matter: each runs once, in exact mode, plus zstd/hll")
     topic, _ = topics
-    ws = Workspace("codec", codec)
+    ws = Scope("codec", codec)
     events = synth(200, ws, seed=5)
     half = len(events) // 2
     ends = merge_ends(
@@ -209,7 +209,7 @@ async def test_librdkafka_producer_batches_are_read(
 ) -> None:
     confluent_kafka = pytest.importorskip("confluent_kafka")
     topic, _ = topics
-    ws = Workspace("rdkafka", "ws")
+    ws = Scope("rdkafka", "ws")
     events = synth(300, ws, seed=9)
     ends: dict[int, int] = {}
 
@@ -259,7 +259,7 @@ async def test_killed_between_write_and_commit_counts_stay_right(
     settings: Settings, store: SketchStore, topics: tuple[str, str], sketch_mode: str
 ) -> None:
     topic, _ = topics
-    ws = Workspace("crash", "ws")
+    ws = Scope("crash", "ws")
     events = synth(400, ws, seed=11)
     ends = await produce(settings.kafka_bootstrap_servers, topic, [e.to_json() for e in events])
 
@@ -297,7 +297,7 @@ async def test_sigterm_finishes_the_batch_commits_and_exits_zero(
     settings: Settings, store: SketchStore, topics: tuple[str, str]
 ) -> None:
     topic, _ = topics
-    ws = Workspace("term", "ws")
+    ws = Scope("term", "ws")
     events = synth(300, ws, seed=13)
     ends = await produce(settings.kafka_bootstrap_servers, topic, [e.to_json() for e in events])
     proc = subprocess.Popen([*cli(), "consume"], env=consumer_env(settings),
@@ -351,7 +351,7 @@ async def test_each_message_is_handled_once_and_each_bad_one_dead_lettered_once(
     if sketch_mode == "hll" and not settings.redis_cluster:
         pytest.skip("a matter of offsets, not sketches: once on one Redis, both modes on a cluster")
     topic, dlq = topics
-    ws = Workspace("once", "ws")
+    ws = Scope("once", "ws")
     events = synth(300, ws, seed=23)
     bad = [orjson.dumps({"metric_type": "login", "n": i}) for i in range(8)]
     ends = merge_ends(
@@ -398,7 +398,7 @@ async def test_store_offsets_decide_where_a_partition_resumes(
     """Redis lost writes (simulated by deleting a day key and rewinding its offset record): the
     consumer re-reads from the store's offset, not from Kafka's committed one."""
     topic, _ = topics
-    ws = Workspace("rewind", "ws")
+    ws = Scope("rewind", "ws")
     events = synth(200, ws, seed=17)
     ends = await produce(settings.kafka_bootstrap_servers, topic, [e.to_json() for e in events])
     async with running(settings, store):
@@ -416,7 +416,7 @@ async def test_a_redis_that_rejects_writes_stops_commits_until_it_accepts(
     settings: Settings, store: SketchStore, topics: tuple[str, str]
 ) -> None:
     topic, dlq = topics
-    ws = Workspace("ro", "ws")
+    ws = Scope("ro", "ws")
     events = synth(50, ws, seed=19)
     await store.client.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
     ends = merge_ends(

@@ -35,7 +35,7 @@ import uvicorn
 from api.app import create_app
 from api.auth import issue_token
 from sketches.config import Settings
-from sketches.keys import Workspace, org_scope
+from sketches.keys import Scope, org_scope
 from sketches.periods import ONE_DAY, Period, month_of, periods_holding, utc_today, week_of
 from sketches.store import SketchStore
 from tests.conftest import unique
@@ -174,8 +174,8 @@ class Seeded:
         self.users = {d: day_users(d, 1.0 if d >= first_current else earlier, salt)
                       for d in self.days}
 
-    def batch(self, ws: Workspace) -> dict[tuple[Workspace, Period], set[str]]:
-        out: dict[tuple[Workspace, Period], set[str]] = {}
+    def batch(self, ws: Scope) -> dict[tuple[Scope, Period], set[str]]:
+        out: dict[tuple[Scope, Period], set[str]] = {}
         for d, users in self.users.items():
             for p in periods_holding(d):
                 out.setdefault((ws, p), set()).update(users)
@@ -362,7 +362,7 @@ async def test_dashboard_draws_seeded_usage(
     store: SketchStore, server: str, page: Any, settings: Settings
 ) -> None:
     data = Seeded(utc_today())
-    await store.add(data.batch(Workspace(ORG, WS)))
+    await store.add(data.batch(Scope(ORG, WS)))
     admin = token(settings=settings)
     known = data.end - timedelta(days=5)
 
@@ -436,7 +436,7 @@ async def test_dashboard_shows_errors_empty_state_and_timezone(
 ) -> None:
     odd_ws = "team/ü 1"  # must travel as one percent-encoded path segment
     data = Seeded(utc_today())
-    await store.add(data.batch(Workspace(ORG, odd_ws)))
+    await store.add(data.batch(Scope(ORG, odd_ws)))
     requested: list[str] = []
     page.on("request", lambda r: requested.append(r.url) if "/metrics/usage" in r.url else None)
     await page.goto(f"{server}/dashboard")
@@ -518,8 +518,8 @@ async def test_dashboard_compares_with_the_previous_period_and_says_how_it_count
     end = utc_today()
     growing = Seeded(end, days=2 * DAYS, earlier=0.6)
     shrinking = Seeded(end, days=2 * DAYS, earlier=1.5, salt=1)
-    await store.add(growing.batch(Workspace(ORG, "growing")))
-    await store.add(shrinking.batch(Workspace(ORG, "shrinking")))
+    await store.add(growing.batch(Scope(ORG, "growing")))
+    await store.add(shrinking.batch(Scope(ORG, "shrinking")))
     requested: list[str] = []
     page.on("request", lambda r: requested.append(r.url) if "/metrics/usage" in r.url else None)
     await page.goto(f"{server}/dashboard")
@@ -602,13 +602,13 @@ async def test_dashboard_shows_a_whole_org(
     org = one.merged(two)
     # Members active in both workspaces must count once: the sum would be visibly larger.
     assert org.dau(end) < one.dau(end) + two.dau(end)
-    await store.add(one.batch(Workspace(ORG, "one")))
-    await store.add(two.batch(Workspace(ORG, "two")))
+    await store.add(one.batch(Scope(ORG, "one")))
+    await store.add(two.batch(Scope(ORG, "two")))
     # The org's own sketches, as ingestion writes them beside the workspaces' (each member of
     # either workspace once); adding them again changes nothing if the write path already did.
     await store.add(org.batch(org_scope(ORG)))
     # Another org's logins never count.
-    await store.add(Seeded(end, salt=3).batch(Workspace("globex", "one")))
+    await store.add(Seeded(end, salt=3).batch(Scope("globex", "one")))
     requested: list[str] = []
     page.on("request", lambda r: requested.append(r.url) if "/metrics/usage" in r.url else None)
     await page.goto(f"{server}/dashboard")

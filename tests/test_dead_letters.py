@@ -26,7 +26,7 @@ from consumer.dlq import (
     TRUNCATED_PREFIX_BYTES,
     DeadLetters,
 )
-from consumer.runner import BatchWriter
+from consumer.writer import BatchWriter
 from sketches.config import Settings
 from sketches.store import SketchStore
 from tests.support.kafka import read_to_end

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from consumer.events import Login, Parser, Rules, parse
 from sketches.errors import BadMessage
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from tests.support.hostile import Case, hostile
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -35,7 +35,7 @@ def msg(**overrides: Any) -> bytes:
 def test_a_login_is_parsed_to_its_utc_day() -> None:
     login = parse(msg(), RULES, NOW)
     assert login == Login(
-        Workspace("acme", "ws-1"), "member_42", datetime(2026, 11, 24, 8, 15, tzinfo=UTC)
+        Scope("acme", "ws-1"), "member_42", datetime(2026, 11, 24, 8, 15, tzinfo=UTC)
     )
     assert login.utc_day == date(2026, 11, 24)
 
@@ -127,7 +127,7 @@ def test_limits_are_inclusive() -> None:
 def test_ids_may_hold_any_characters() -> None:
     login = parse(msg(org_id="a:b{c}/d e", workspace_id="ワーク"), RULES, NOW)
     assert login is not None
-    assert login.workspace == Workspace("a:b{c}/d e", "ワーク")
+    assert login.workspace == Scope("a:b{c}/d e", "ワーク")
 
 
 @given(st.binary(max_size=300))
@@ -277,20 +277,20 @@ def test_any_error_bucketing_one_login_dead_letters_its_record_and_the_rest_is_k
 
     from consumer.batch import bucket, parse_records
     from sketches.periods import day_of
-    from sketches.workspace_settings import Resolved
+    from sketches.scope_settings import Resolved
 
     values = [msg(subject="a"), msg(subject="b", timestamp="2026-11-24T08:13:00Z"),
               b"junk", msg(subject="c")]
     records = [ConsumerRecord("t", 0, i, 0, 0, None, v, None, 0, len(v), [])
                for i, v in enumerate(values)]
     parsed = parse_records(records, RULES, NOW)
-    ws = Workspace("acme", "ws-1")
+    ws = Scope("acme", "ws-1")
     # bucketing needs the settings of every workspace of the batch and of its org
     prepared = bucket(parsed, {ws: Resolved("Brittle", _Brittle()), ws.org: Resolved("UTC", UTC)})
     assert [(r.offset, reason.split(":")[0]) for r, reason in prepared.dead] == [
         (2, "value is not valid JSON"), (1, "message could not be processed")]
     assert prepared.logins == 2
-    assert prepared.sketches[(Workspace("acme", "ws-1"), day_of(date(2026, 11, 24)))] == {
+    assert prepared.sketches[(Scope("acme", "ws-1"), day_of(date(2026, 11, 24)))] == {
         "a", "c"}
     assert len(parsed.dead) == 1, "bucketing must not change what parsing found"
 
@@ -308,7 +308,7 @@ def test_hostile_values_get_the_verdict_the_contract_gives_them(case: Case) -> N
             parser.parse(case.value)
         return
     e = case.counted
-    assert parser.parse(case.value) == Login(Workspace(e.org_id, e.workspace_id), e.subject,
+    assert parser.parse(case.value) == Login(Scope(e.org_id, e.workspace_id), e.subject,
                                              e.timestamp)
 
 

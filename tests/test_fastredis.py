@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio.connection import Connection
 
-from usage_metrics.fastredis import HiredisPackConnection
+from sketches.connection import HiredisPackConnection
 
 args = st.one_of(
     st.text(max_size=40),

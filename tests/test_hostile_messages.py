@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.store import SketchStore
 from tests.support.hostile import Case, good_events, one_of_each
 from tests.support.kafka import committed, read_to_end
@@ -163,7 +163,7 @@ async def test_hostile_values_between_good_logins_never_stop_the_consumer(
             assert per_source[source] == 0, (source, value and value[:80])
     assert set(per_source) <= set(consumer.sent)
 
-    oracle = Oracle((Workspace(e.org_id, e.workspace_id), e.subject, e.timestamp.date())
+    oracle = Oracle((Scope(e.org_id, e.workspace_id), e.subject, e.timestamp.date())
                     for e in consumer.counted)
     for ws in oracle.days:
         await check_against_oracle(store, oracle, ws, "exact")

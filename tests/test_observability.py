@@ -21,13 +21,13 @@ from api.app import create_app
 from api.auth import issue_token
 from api.observability import current_request_id, sane_request_id
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.connection import open_store
+from sketches.keys import Scope
 from sketches.periods import periods_holding, utc_today
 from sketches.store import SketchStore
 from tests.conftest import unique
 from tests.support.servers import free_port
 from usage_metrics.logs import JsonFormatter, TextFormatter
-from usage_metrics.wiring import open_store
 
 ORG = "acme"
 WS = "ws/1 ü"  # a "/" and unicode: the metric labels must hold the template, never the ids
@@ -89,7 +89,7 @@ async def test_metrics_count_requests_by_route_template_and_status(
     client: httpx.AsyncClient, settings: Settings, store: SketchStore
 ) -> None:
     day = utc_today()
-    await store.add({(Workspace(ORG, WS), p): {"u1", "u2"} for p in periods_holding(day)})
+    await store.add({(Scope(ORG, WS), p): {"u1", "u2"} for p in periods_holding(day)})
     auth = {"Authorization": f"Bearer {token(settings)}"}
 
     ok = await client.get(USAGE_PATH, params={"period_length": 0}, headers=auth)

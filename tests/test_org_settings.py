@@ -14,13 +14,13 @@ from pydantic import SecretStr
 
 from api.app import create_app
 from api.auth import ROLE_PERMISSIONS, WRITE_ORG_SETTINGS, WRITE_SETTINGS, issue_token
-from sketches import workspace_settings as wss
+from sketches import scope_settings as wss
 from sketches.config import Settings
-from sketches.keys import Workspace, org_scope
+from sketches.connection import open_store
+from sketches.keys import Scope, org_scope
+from sketches.scope_settings import OrgSettings
 from sketches.store import SketchStore
-from sketches.workspace_settings import OrgSettings
 from tests.support.servers import free_port
-from usage_metrics.wiring import open_store
 
 ORG_URL = "/api/v2/org/{org}/settings"
 ACME = ORG_URL.format(org="acme")
@@ -255,5 +255,5 @@ async def test_openapi_documents_every_settings_operation(api: httpx.AsyncClient
 
 
 def test_org_scope_is_not_a_workspace() -> None:
-    assert org_scope("acme") != Workspace("acme", "settings")
+    assert org_scope("acme") != Scope("acme", "settings")
     assert org_scope("acme").is_org

@@ -20,20 +20,20 @@ import pytest
 
 from api.app import create_app
 from api.auth import issue_token
-from sketches import workspace_settings as wss
+from sketches import scope_settings as wss
 from sketches.config import Settings
-from sketches.keys import Workspace, org_scope
+from sketches.keys import Scope, org_scope
 from sketches.periods import utc_today
+from sketches.scope_settings import OrgSettings, WorkspaceSettings
 from sketches.store import SketchStore
-from sketches.workspace_settings import OrgSettings, WorkspaceSettings
 from tests.support.compare import assert_rows_match
 from tests.support.kafka import produce, running, wait_applied
 from tests.support.oracle import Oracle
 from usage_metrics.synth import SynthEvent
 
 TODAY = utc_today()
-ACME = [Workspace("acme", w) for w in ("eng", "sales", "ops")]
-GLOBEX = Workspace("globex", "eng")
+ACME = [Scope("acme", w) for w in ("eng", "sales", "ops")]
+GLOBEX = Scope("globex", "eng")
 BOTS = "bot-*"
 
 

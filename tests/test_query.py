@@ -13,7 +13,7 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 from sketches.errors import CorruptSketch
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.periods import day_of, month_of, periods_holding, utc_today, week_of
 from sketches.query import Metric, Window, usage
 from sketches.store import SketchStore
@@ -21,11 +21,11 @@ from sketches.writes import MEMBERS_PER_CALL, expire_at
 from tests.support.compare import assert_rows_match, rows_as_dicts
 from tests.support.oracle import Oracle
 
-WS = Workspace("acme", "ws-1")
+WS = Scope("acme", "ws-1")
 HORIZON = date(2024, 1, 1)
 
 
-async def add_logins(store: SketchStore, events: list[tuple[Workspace, str, date]]) -> None:
+async def add_logins(store: SketchStore, events: list[tuple[Scope, str, date]]) -> None:
     batch: dict = {}
     for ws, subject, d in events:
         for p in periods_holding(d):
@@ -33,7 +33,7 @@ async def add_logins(store: SketchStore, events: list[tuple[Workspace, str, date
     await store.add(batch)
 
 
-async def rows(store: SketchStore, ws: Workspace, end: date, n: int, window: str = "calendar",
+async def rows(store: SketchStore, ws: Scope, end: date, n: int, window: str = "calendar",
                metrics: frozenset[Metric] = frozenset(Metric)) -> list[dict]:
     got = await usage(store, ws, end=end, period_length=n, metrics=metrics,
                       window=Window(window), horizon=HORIZON)
@@ -104,7 +104,7 @@ async def test_rolling_windows(store: SketchStore) -> None:
 async def test_unknown_workspace_gets_rows_of_nulls(store: SketchStore) -> None:
     await add_logins(store, [(WS, "a", date(2026, 11, 20))])
     for window in ("calendar", "rolling"):
-        got = await rows(store, Workspace("acme", "nope"), date(2026, 11, 24), 3, window)
+        got = await rows(store, Scope("acme", "nope"), date(2026, 11, 24), 3, window)
         assert [(r["dau"], r["wau"], r["mau"]) for r in got] == [(None, None, None)] * 4
 
 
@@ -144,7 +144,7 @@ async def test_a_corrupt_key_is_reported_not_crashed_on(
     await redis_client.set(bad, b"HYLL garbage") if store.keys.mode == "exact" else None
     await redis_client.delete(bad)
     await redis_client.rpush(bad, "not a sketch")  # wrong type in both modes
-    other = Workspace("acme", "other")
+    other = Scope("acme", "other")
     failed = await store.add({(WS, day_of(d)): {"a"}, (other, day_of(d)): {"b"}})
     assert [f.key for f in failed] == [bad]
     assert (await store.counts(other, [day_of(d)])) == [1]
@@ -166,7 +166,7 @@ async def test_a_corrupt_key_is_reported_not_crashed_on(
 async def test_a_row_never_depends_on_period_length(
     store: SketchStore, offsets: list[tuple[int, int]], n1: int, n2: int, window: str
 ) -> None:
-    ws = Workspace("prop", f"w{random.randrange(10**9)}")
+    ws = Scope("prop", f"w{random.randrange(10**9)}")
     end = date(2026, 11, 24)
     await add_logins(store, [(ws, f"u{u}", end - timedelta(days=o)) for u, o in offsets])
     a = {r["date"]: r for r in await rows(store, ws, end, n1, window)}
@@ -227,7 +227,7 @@ async def test_the_consumers_day_writes_make_the_very_same_weeks_and_months(
     """add_by_day (HLL: members to the days, weeks and months merged from them in Redis) and
     add with every member sent to every sketch must leave identical sketches."""
     from sketches import hll
-    from usage_metrics.wiring import open_store
+    from sketches.connection import open_store
 
     rng = random.Random(4)
     today = utc_today()

@@ -10,7 +10,7 @@ import pytest
 
 from consumer.replay import ReplayStart, parse_offsets, replay
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.store import SketchStore
 from tests.support.kafka import produce, wait_applied
 from tests.test_consumer import check_against_oracle, consumer_env, oracle_of, running, synth
@@ -23,7 +23,7 @@ def test_offsets_argument_is_parsed_strictly() -> None:
             parse_offsets(bad)
 
 
-async def snapshot(store: SketchStore, ws: Workspace) -> list[list[int]]:
+async def snapshot(store: SketchStore, ws: Scope) -> list[list[int]]:
     from sketches.periods import Granularity, periods_between
 
     today = datetime.now(UTC).date()
@@ -38,7 +38,7 @@ async def test_replay_from_beginning_offsets_and_timestamp_changes_no_count(
     settings: Settings, store: SketchStore, topics: tuple[str, str], sketch_mode: str
 ) -> None:
     topic, _ = topics
-    ws = Workspace("replay", "ws")
+    ws = Scope("replay", "ws")
     events = synth(500, ws, seed=23)
     ends = await produce(settings.kafka_bootstrap_servers, topic, [e.to_json() for e in events])
     async with running(settings, store):
@@ -68,7 +68,7 @@ async def test_replay_fills_what_the_store_lost(
     settings: Settings, store: SketchStore, topics: tuple[str, str], sketch_mode: str
 ) -> None:
     topic, _ = topics
-    ws = Workspace("replay", "lost")
+    ws = Scope("replay", "lost")
     events = synth(300, ws, seed=29)
     await produce(settings.kafka_bootstrap_servers, topic, [e.to_json() for e in events])
     # Nothing consumed: the store is empty; the CLI replay (with its progress bar) fills it.

@@ -14,21 +14,21 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from sketches import workspace_settings as wss
-from sketches.keys import Workspace
+from sketches import scope_settings as wss
+from sketches.keys import Scope
 from sketches.periods import periods_holding, utc_today
 from sketches.query import ALL_METRICS, Metric, UsageRow, Window, usage
 from sketches.results import SAFE_MARGIN, Answers, Query, Stored, runs, stamps_on, window_any
+from sketches.scope_settings import WorkspaceSettings
 from sketches.store import SketchStore
-from sketches.workspace_settings import WorkspaceSettings
 from sketches.writes import STAMP_RING
 
-WS = Workspace("acme", "ws-1")
-OTHER = Workspace("acme", "ws-2")
+WS = Scope("acme", "ws-1")
+OTHER = Scope("acme", "ws-2")
 TODAY = utc_today()
 
 
-async def add(store: SketchStore, logins: list[tuple[Workspace, str, date]],
+async def add(store: SketchStore, logins: list[tuple[Scope, str, date]],
               week_start: str = "monday") -> None:
     """As the consumer writes them: each login to its workspace's sketches and its org's."""
     batch: dict[Any, set[str]] = {}
@@ -44,7 +44,7 @@ def answers_for(store: SketchStore, retention: int = 800) -> Answers:
 
 
 async def stored_and_direct(
-    answers: Answers, scope: Workspace, *, today: date = TODAY, end: date | None = None,
+    answers: Answers, scope: Scope, *, today: date = TODAY, end: date | None = None,
     period_length: int = 730, window: Window = Window.CALENDAR,
     metrics: frozenset[Metric] = ALL_METRICS,
 ) -> tuple[list[UsageRow], list[UsageRow]]:
@@ -58,7 +58,7 @@ async def stored_and_direct(
     return got, want
 
 
-async def assert_equal_to_direct(answers: Answers, scope: Workspace, **kw: Any) -> list[UsageRow]:
+async def assert_equal_to_direct(answers: Answers, scope: Scope, **kw: Any) -> list[UsageRow]:
     got, want = await stored_and_direct(answers, scope, **kw)
     assert got == want
     return got
@@ -152,7 +152,7 @@ async def test_org_rows_count_each_member_once_and_equal_the_direct_computation(
     answers = answers_for(store)
     day = TODAY - timedelta(days=3)
     await add(store, [(WS, "ann", day), (OTHER, "ann", day), (OTHER, "bob", day),
-                      (Workspace("globex", "ws-1"), "ann", day)])
+                      (Scope("globex", "ws-1"), "ann", day)])
     for w in Window:
         rows = await assert_equal_to_direct(answers, WS.org, window=w, period_length=10)
         assert {r.date: r.dau for r in rows}[day] == 2  # ann once, bob; not globex's ann
@@ -268,7 +268,7 @@ async def test_every_answer_equals_a_full_recompute_whatever_is_interleaved(
     import uuid
 
     tag = uuid.uuid4().hex[:8]  # a fresh org per example: examples share one store
-    scopes = {WS: Workspace(tag, "ws-1"), OTHER: Workspace(tag, "ws-2")}
+    scopes = {WS: Scope(tag, "ws-1"), OTHER: Scope(tag, "ws-2")}
     scopes[WS.org] = scopes[WS].org
     answers = answers_for(store, retention=RETENTION)
     week_start = "monday"

@@ -26,13 +26,13 @@ from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from aiokafka.record.util import encode_varint
 
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.store import SketchStore
 from tests.support.kafka import read_to_end
 from tests.test_consumer import check_against_oracle, cli, consumer_env, oracle_of, synth
 from usage_metrics.synth import SynthEvent
 
-WS = Workspace("unreadable", "ws")
+WS = Scope("unreadable", "ws")
 ZSTD = 4  # the batch attribute bits of the zstd codec
 
 

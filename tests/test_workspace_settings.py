@@ -1,4 +1,4 @@
-"""Workspace settings: local-date bucketing in any timezone, excluded subjects, the settings API,
+"""Scope settings: local-date bucketing in any timezone, excluded subjects, the settings API,
 the consumer seeing a change within its cache bound, and a rebuild that re-buckets history."""
 
 from __future__ import annotations
@@ -22,25 +22,31 @@ from pydantic import ValidationError
 
 from api.app import create_app
 from api.auth import issue_token
-from api.settings_routes import compare_and_set, read_raw
 from consumer.batch import bucket, parse_records
 from consumer.events import Rules
 from consumer.replay import ReplayStart, replay
 from consumer.settings_cache import SettingsCache
-from sketches import workspace_settings as wss
+from sketches import scope_settings as wss
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.periods import WEEK_STARTS, Granularity, day_of, month_of, sunday_week_of, week_of
 from sketches.query import Window, usage
+from sketches.scope_settings import (
+    OrgSettings,
+    Resolved,
+    WorkspaceSettings,
+    compare_and_set,
+    read_raw,
+    resolve,
+)
 from sketches.store import SketchStore
-from sketches.workspace_settings import OrgSettings, Resolved, WorkspaceSettings, resolve
 from tests.support.compare import assert_rows_match, rows_as_dicts
 from tests.support.kafka import produce, wait_applied
 from tests.support.oracle import Oracle
 from tests.test_consumer import consumer_env, running
 from usage_metrics.synth import SynthEvent
 
-WS = Workspace("acme", "tokyo")
+WS = Scope("acme", "tokyo")
 RULES = Rules(login_type="login", retention_days=800, max_bytes=65536)
 NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
 
@@ -49,7 +55,7 @@ def record(value: bytes, offset: int = 0) -> ConsumerRecord[bytes, bytes]:
     return ConsumerRecord("t", 0, offset, 0, 0, None, value, None, 0, len(value), [])
 
 
-def login(subject: str, moment: str, ws: Workspace = WS) -> bytes:
+def login(subject: str, moment: str, ws: Scope = WS) -> bytes:
     return SynthEvent(ws.org_id, ws.workspace_id, subject, datetime.fromisoformat(moment)).to_json()
 
 
@@ -62,7 +68,7 @@ def local_days(timezone: str, moments: list[str]) -> dict[date, set[str]]:
             if ws == WS and p == day_of(p.start)}
 
 
-def with_org(config: Resolved, org: Resolved | None = None) -> dict[Workspace, Resolved]:
+def with_org(config: Resolved, org: Resolved | None = None) -> dict[Scope, Resolved]:
     """Bucketing needs the settings of each workspace and of its org (UTC unless given)."""
     return {WS: config, WS.org: org or resolve(OrgSettings(timezone="UTC"))}
 
@@ -275,7 +281,7 @@ async def test_non_utc_workspace_end_to_end_and_rebuild_rebuckets_history(
     """Ingested in UTC, then the workspace moves to Tokyo: new logins count on Tokyo dates, and a
     rebuild re-buckets the old ones; another workspace is untouched."""
     topic, _ = topics
-    other = Workspace("acme", "berlin")
+    other = Scope("acme", "berlin")
     today = datetime.now(UTC).date()
     moments = [datetime.combine(today - timedelta(days=d), datetime.min.time(), UTC)
                + timedelta(hours=h) for d in range(1, 12) for h in (1, 13, 16, 23)]
@@ -288,12 +294,12 @@ async def test_non_utc_workspace_end_to_end_and_rebuild_rebuckets_history(
     async with running(settings, store):
         await wait_applied(store, topic, ends)
 
-    def oracle(ws: Workspace, tz: str, excluded: frozenset[str] = frozenset()) -> Oracle:
+    def oracle(ws: Scope, tz: str, excluded: frozenset[str] = frozenset()) -> Oracle:
         return Oracle((ws, e.subject, e.timestamp.astimezone(ZoneInfo(tz)).date())
-                      for e in events if Workspace(e.org_id, e.workspace_id) == ws
+                      for e in events if Scope(e.org_id, e.workspace_id) == ws
                       and e.subject not in excluded)
 
-    async def check(ws: Workspace, want: Oracle) -> None:
+    async def check(ws: Scope, want: Oracle) -> None:
         for window in (Window.CALENDAR, Window.ROLLING):
             rows = await usage(store, ws, end=today, period_length=14, window=window,
                                horizon=today - timedelta(days=800))
@@ -343,7 +349,7 @@ async def test_replay_only_one_workspace_leaves_the_others_alone(
     settings: Settings, store: SketchStore, topics: tuple[str, str]
 ) -> None:
     topic, _ = topics
-    other = Workspace("acme", "other")
+    other = Scope("acme", "other")
     moment = datetime.now(UTC) - timedelta(hours=1)
     await produce(settings.kafka_bootstrap_servers, topic,
                   [SynthEvent(w.org_id, w.workspace_id, "u1", moment).to_json()
@@ -426,7 +432,7 @@ async def api(settings: Settings, store: SketchStore) -> AsyncIterator[httpx.Asy
         yield c
 
 
-async def stored(store: SketchStore, ws: Workspace = WS) -> bytes | None:
+async def stored(store: SketchStore, ws: Scope = WS) -> bytes | None:
     raw = await store.client.get(store.keys.settings(ws))
     return None if raw is None else bytes(raw)
 
@@ -533,7 +539,7 @@ async def test_patch_needs_the_write_permission_and_a_token_first(
         assert resp.status_code == status, (role, resp.text)
     assert (await api.patch("/api/v2/org/globex/workspace/w/settings", json=change,
                             headers=bearer(settings, "admin"))).status_code == 403
-    assert await stored(store, Workspace("globex", "w")) is None
+    assert await stored(store, Scope("globex", "w")) is None
     # Without a token, even a body that would be a 422 is a 401.
     for body in (b'{"bogus": 1}', b"{not json"):
         resp = await api.patch(SETTINGS_URL, content=body)
@@ -562,13 +568,14 @@ async def test_concurrent_patches_of_different_fields_all_survive(
 
 async def test_compare_and_set_writes_only_over_the_value_it_read(store: SketchStore) -> None:
     a, b = WorkspaceSettings(timezone="Asia/Tokyo"), WorkspaceSettings(timezone="UTC")
-    assert await compare_and_set(store, WS, None, a)
-    assert not await compare_and_set(store, WS, None, b)  # something is stored now
-    raw = await read_raw(store, WS)
+    assert await compare_and_set(store.client, store.keys, WS, None, a)
+    # something is stored now
+    assert not await compare_and_set(store.client, store.keys, WS, None, b)
+    raw = await read_raw(store.client, store.keys, WS)
     assert raw is not None
-    assert not await compare_and_set(store, WS, raw + b" ", b)
+    assert not await compare_and_set(store.client, store.keys, WS, raw + b" ", b)
     assert await stored(store) == wss.encode(a)
-    assert await compare_and_set(store, WS, raw, b)
+    assert await compare_and_set(store.client, store.keys, WS, raw, b)
     assert await stored(store) == wss.encode(b)
 
 

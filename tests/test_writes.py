@@ -8,11 +8,11 @@ from datetime import date, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sketches.keys import KeySpace, Workspace
+from sketches.keys import KeySpace, Scope
 from sketches.periods import day_of, month_of, periods_holding, sunday_week_of, week_of
 from sketches.writes import ScopeWrite, by_day, expire_at, group_by_scope, script_call
 
-WS = Workspace("acme", "ws")
+WS = Scope("acme", "ws")
 D = date(2026, 11, 24)
 
 

@@ -31,7 +31,7 @@ def _install_stop(stop: asyncio.Event) -> None:
 async def _consume(settings: Settings) -> int:
     from consumer.health import serve_health
     from consumer.runner import ConsumerStalled, GroupConsumer
-    from usage_metrics.wiring import open_store
+    from sketches.connection import open_store
 
     stop = asyncio.Event()
     _install_stop(stop)
@@ -72,7 +72,7 @@ def _parse_when(text: str) -> datetime:
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.replay import ReplayStart, UnreadableRange, replay
-    from usage_metrics.wiring import open_store
+    from sketches.connection import open_store
 
     if args.from_beginning:
         start = ReplayStart("beginning")
@@ -98,10 +98,10 @@ async def _rebuild(settings: Settings, org: str, workspace: str | None) -> int:
     """One workspace's sketches, or (without a workspace) the org's own, deleted and replayed
     from the retained topic: the other scopes are not touched."""
     from consumer.replay import ReplayStart, replay
-    from sketches.keys import Workspace, org_scope
-    from usage_metrics.wiring import open_store
+    from sketches.connection import open_store
+    from sketches.keys import Scope, org_scope
 
-    scope = Workspace(org, workspace) if workspace else org_scope(org)
+    scope = Scope(org, workspace) if workspace else org_scope(org)
     name = f"{org}/{workspace}" if workspace else f"org {org}"
     async with open_store(settings) as store:
         deleted = await store.delete_workspace(scope)

@@ -31,10 +31,10 @@ from api.app import create_app
 from api.auth import issue_token
 from consumer.runner import GroupConsumer
 from sketches.config import Settings
+from sketches.connection import open_store
 from sketches.periods import utc_today
 from usage_metrics.progress import progress_bar
 from usage_metrics.synth import logins, workspace_sizes
-from usage_metrics.wiring import open_store
 
 WORKSPACES = [("acme", "engineering"), ("acme", "sales"), ("globex", "main"),
               ("initech", "ops"), ("umbrella", "research"), ("hooli", "platform")]

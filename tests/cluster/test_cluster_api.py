@@ -13,7 +13,8 @@ import pytest
 from api.app import create_app
 from api.auth import issue_token
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.connection import open_store
+from sketches.keys import Scope
 from sketches.periods import utc_today
 from sketches.store import SketchStore
 from tests.cluster.helpers import replaced
@@ -21,7 +22,6 @@ from tests.support.compare import assert_rows_match
 from tests.support.oracle import Oracle
 from tests.support.servers import free_port
 from tests.test_query import add_logins
-from usage_metrics.wiring import open_store
 
 pytestmark = pytest.mark.xdist_group("cluster")
 
@@ -38,7 +38,7 @@ async def test_the_api_answers_from_the_cluster_as_the_oracle_does(
     settings: Settings, store: SketchStore, sketch_mode: str
 ) -> None:
     rng = random.Random(5)
-    wss = [Workspace("api", f"ws-{i}") for i in range(6)]  # over all three masters
+    wss = [Scope("api", f"ws-{i}") for i in range(6)]  # over all three masters
     events = [(ws, f"u{rng.randrange(50)}", TODAY - timedelta(days=rng.randrange(40)))
               for ws in wss for _ in range(150)]
     await add_logins(store, events)

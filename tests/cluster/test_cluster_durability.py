@@ -26,7 +26,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.connection import open_store
+from sketches.keys import Scope
 from sketches.store import SketchStore, master_tags, node_record_key
 from tests.cluster.helpers import on_cluster
 from tests.cluster.servers import RedisClusterServers, last_incr_aof, redis_cli_bin
@@ -34,11 +35,10 @@ from tests.support.kafka import merge_ends, produce, wait_applied
 from tests.support.servers import RedisServer
 from tests.test_consumer import TODAY, check_against_oracle, oracle_of, running
 from usage_metrics.synth import SynthEvent
-from usage_metrics.wiring import open_store
 
 pytestmark = pytest.mark.xdist_group("cluster")
 
-WORKSPACES = [Workspace("durable", f"ws-{i}") for i in range(24)]
+WORKSPACES = [Scope("durable", f"ws-{i}") for i in range(24)]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from sketches.keys import Workspace
+from sketches.connection import open_store
+from sketches.keys import Scope
 from sketches.query import Window, usage
 from sketches.store import SketchStore
 from tests.cluster.helpers import replaced
@@ -35,7 +36,6 @@ from tests.faults.helpers import (
 from tests.support.compare import rows_as_dicts
 from tests.support.kafka import merge_ends, produce, wait_applied
 from tests.test_consumer import running
-from usage_metrics.wiring import open_store
 
 pytestmark = pytest.mark.xdist_group("cluster")
 
@@ -52,7 +52,7 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         handles.cleanup()
 
 
-async def snapshot(store: SketchStore, workspaces: Iterable[Workspace]) -> list[Any]:
+async def snapshot(store: SketchStore, workspaces: Iterable[Scope]) -> list[Any]:
     out = []
     for ws in sorted(workspaces):
         for window in Window:

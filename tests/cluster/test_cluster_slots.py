@@ -27,7 +27,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from sketches.config import Settings
-from sketches.keys import KeySpace, Workspace
+from sketches.connection import open_store
+from sketches.keys import KeySpace, Scope
 from sketches.periods import Period, day_of, periods_holding
 from sketches.query import Metric, Window, usage
 from sketches.results import Answers
@@ -45,7 +46,6 @@ from tests.cluster.helpers import replaced
 from tests.support.compare import assert_rows_match, rows_as_dicts
 from tests.support.oracle import Oracle
 from tests.test_query import add_logins
-from usage_metrics.wiring import open_store
 
 pytestmark = pytest.mark.xdist_group("cluster")
 
@@ -194,7 +194,7 @@ async def test_every_key_of_a_query_hashes_to_its_workspace_slot(
     period_length: int, end_back: int,
 ) -> None:
     store, client = recording_store(kind)
-    ws = Workspace(org, workspace)
+    ws = Scope(org, workspace)
     await usage(store, ws, end=END - timedelta(days=end_back), period_length=period_length,
                 metrics=metrics, window=window, horizon=HORIZON)
     commands = client.commands()
@@ -222,7 +222,7 @@ async def test_every_key_of_a_stored_result_answer_hashes_to_its_scopes_slot(
     """The snapshot (settings, version, seq, stamps, stored result), the recompute and the
     write-back of a workspace's or an org's answer: one slot, the scope's."""
     store, client = recording_store(kind)
-    scope = Workspace(org, workspace).org if org_level else Workspace(org, workspace)
+    scope = Scope(org, workspace).org if org_level else Scope(org, workspace)
     answers = Answers(store, retention_days=800, default_timezone="UTC", cache_entries=0)
     snap = await answers.snapshot(scope)
     assert snap.seq == 3
@@ -241,7 +241,7 @@ def test_every_query_shape_reads_one_slot() -> None:
     """The whole product of shapes, once, for one awkward workspace (the property test samples)."""
     import asyncio
 
-    ws = Workspace("a{b}:c", "}{ws")
+    ws = Scope("a{b}:c", "}{ws")
 
     async def run() -> None:
         for kind, window, metrics, n in itertools.product(
@@ -270,10 +270,10 @@ async def test_every_command_of_a_batch_stays_in_one_slot(
     """A batch spans workspaces (a cluster pipeline splits it by node), but no single command
     may span slots; the offset record stays in its partition's slot."""
     store, client = recording_store(kind)
-    batch: dict[tuple[Workspace, Period], set[str]] = {}
+    batch: dict[tuple[Scope, Period], set[str]] = {}
     for org, wsid, subject, back in events:
         for p in periods_holding(END - timedelta(days=back)):
-            batch.setdefault((Workspace(org, wsid), p), set()).add(subject)
+            batch.setdefault((Scope(org, wsid), p), set()).add(subject)
     after = [("SET", store.keys.offsets("metrics", 3), 17)]
     assert await store.add(batch, after) == []
     for cmd in client.commands():
@@ -304,10 +304,10 @@ def owner(client: RedisCluster, key: str) -> str:
     return str(node.name)
 
 
-AWKWARD = [Workspace("a{b}:c", "}{ws"), Workspace("ü/ 空", "x:y"), Workspace("{", "}")]
+AWKWARD = [Scope("a{b}:c", "}{ws"), Scope("ü/ 空", "x:y"), Scope("{", "}")]
 
 
-def _events(rng: random.Random, ws: Workspace, n: int) -> list[tuple[Workspace, str, date]]:
+def _events(rng: random.Random, ws: Scope, n: int) -> list[tuple[Scope, str, date]]:
     # Logins over the whole 730-day range, so the longest queries read keys that exist.
     return [(ws, f"u{rng.randrange(60)}", END - timedelta(days=rng.randrange(760)))
             for _ in range(n)]
@@ -327,7 +327,7 @@ async def test_every_query_shape_runs_on_the_cluster_and_matches_the_oracle(
     if sketch_mode == "hll":
         server = make_store(store.client, store.keys, store.retention_days, "server")
         stores.append((server, (Window.ROLLING,)))
-    full: dict[tuple[Workspace, Window, int], list[dict[str, Any]]] = {}
+    full: dict[tuple[Scope, Window, int], list[dict[str, Any]]] = {}
     for ws, window, n in itertools.product(AWKWARD, Window, PERIOD_LENGTHS):
         want = oracle.rows(ws, END, n, window.value)
         for s, windows in stores:
@@ -352,7 +352,7 @@ async def test_workspaces_spread_over_every_master(
     store: SketchStore, redis_client: RedisCluster
 ) -> None:
     """The suite is not accidentally running on one node: 30 workspaces land on all three."""
-    wss = [Workspace("spread", f"ws-{i}") for i in range(30)]
+    wss = [Scope("spread", f"ws-{i}") for i in range(30)]
     await add_logins(store, [(ws, "u", END) for ws in wss])
     owners = {owner(redis_client, store.keys.hash_tag(ws)) for ws in wss}
     assert len(owners) == len(redis_client.get_primaries()) == 3
@@ -362,7 +362,7 @@ async def test_offset_records_sit_on_every_master_and_the_minimum_wins(
     store: SketchStore, redis_client: RedisCluster
 ) -> None:
     key = store.keys.offsets("topic", 5)
-    ws = Workspace("rec", "ws")
+    ws = Scope("rec", "ws")
     assert await store.applied_offsets([("topic", 5)]) == [None]
     await store.add({(ws, day_of(END)): {"a"}}, [("SET", key, 40)])
     tags = await master_tags(redis_client)
@@ -387,7 +387,7 @@ async def test_offset_records_sit_on_every_master_and_the_minimum_wins(
 async def test_commands_after_the_batch_other_than_records_run_once(
     store: SketchStore, redis_client: RedisCluster
 ) -> None:
-    ws = Workspace("after", "ws")
+    ws = Scope("after", "ws")
     marker = f"{store.keys.prefix}:marker"
     await store.add({(ws, day_of(END)): {"a"}}, [("SET", marker, "x")])
     assert await redis_client.get(marker) == b"x"
@@ -398,7 +398,7 @@ async def test_ping_and_delete_workspace_on_the_cluster(
     settings: Settings, store: SketchStore, redis_client: RedisCluster
 ) -> None:
     await store.ping()
-    ws, other = Workspace("del", "ws"), Workspace("del", "other")
+    ws, other = Scope("del", "ws"), Scope("del", "other")
     await add_logins(store, [(ws, f"u{i}", END - timedelta(days=i)) for i in range(20)]
                      + [(other, "u", END)])
     settings_key = store.keys.settings(ws)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from sketches.config import Settings
+from sketches.connection import open_store
 from sketches.store import SketchStore
 from tests.faults.helpers import Procs, fault_settings
 from tests.support.servers import RedisServer, TansuBroker
-from usage_metrics.wiring import open_store
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.periods import periods_holding, utc_today
 from sketches.query import Window, usage
 from sketches.store import SketchStore
@@ -227,8 +227,8 @@ class Traffic:
         return oracle_of(self.events)
 
     @property
-    def workspaces(self) -> set[Workspace]:
-        return {Workspace(e.org_id, e.workspace_id) for e in self.events}
+    def workspaces(self) -> set[Scope]:
+        return {Scope(e.org_id, e.workspace_id) for e in self.events}
 
 
 def logins(
@@ -258,7 +258,7 @@ def logins(
 
 def oracle_of(events: Iterable[SynthEvent]) -> Oracle:
     return Oracle(
-        (Workspace(e.org_id, e.workspace_id), e.subject, e.timestamp.astimezone(UTC).date())
+        (Scope(e.org_id, e.workspace_id), e.subject, e.timestamp.astimezone(UTC).date())
         for e in events if e.metric_type == "login"
     )
 
@@ -273,7 +273,7 @@ def expected_buckets(store: SketchStore, events: Iterable[SynthEvent]) -> dict[s
     for e in events:
         if e.metric_type != "login":
             continue
-        ws = Workspace(e.org_id, e.workspace_id)
+        ws = Scope(e.org_id, e.workspace_id)
         for period in periods_holding(e.timestamp.astimezone(UTC).date()):
             for scope in (ws, ws.org):
                 out[store.keys.sketch(scope, period)].add(e.subject.encode())
@@ -315,7 +315,7 @@ async def assert_buckets_exact(store: SketchStore, events: Sequence[SynthEvent])
 
 
 async def assert_rows_exact(
-    store: SketchStore, oracle: Oracle, workspaces: Iterable[Workspace], period_length: int = 50
+    store: SketchStore, oracle: Oracle, workspaces: Iterable[Scope], period_length: int = 50
 ) -> None:
     """The query path too: the endpoint's rows equal the independent oracle's, both windows."""
     for ws in sorted(workspaces):

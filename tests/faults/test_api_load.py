@@ -27,7 +27,8 @@ import pytest
 from api.app import create_app
 from api.auth import issue_token
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.connection import open_store
+from sketches.keys import Scope
 from sketches.periods import periods_holding
 from sketches.store import SketchStore
 from tests.faults.helpers import (
@@ -39,7 +40,6 @@ from tests.faults.helpers import (
 )
 from tests.support.oracle import Oracle
 from tests.support.servers import RedisServer
-from usage_metrics.wiring import open_store
 
 USAGE = "/api/v2/org/{org}/workspace/{ws}/metrics/usage"
 WORKSPACES = 40
@@ -57,12 +57,12 @@ METRIC_SETS: tuple[tuple[str, ...] | None, ...] = (
 log = logging.getLogger(__name__)
 
 
-def workspace(k: int) -> Workspace:
-    return Workspace(f"load-{k}", f"ws:{k}/x")  # ids with ':' and '/' on purpose
+def workspace(k: int) -> Scope:
+    return Scope(f"load-{k}", f"ws:{k}/x")  # ids with ':' and '/' on purpose
 
 
 def seed_events(k: int) -> dict[date, set[str]]:
-    """Workspace k: on every (k % 4 + 1)-th day, k + 1 + (day % 3) users, numbered per day."""
+    """Scope k: on every (k % 4 + 1)-th day, k + 1 + (day % 3) users, numbered per day."""
     out: dict[date, set[str]] = {}
     step = k % 4 + 1
     for ago in range(0, HISTORY_DAYS, step):

@@ -39,7 +39,7 @@ from schemathesis.specs.openapi.checks import (
 from api.app import create_app
 from api.auth import ROLES, issue_token
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.keys import Scope
 from sketches.periods import periods_holding
 from tests.faults.helpers import TODAY, Procs, fault_settings
 
@@ -50,19 +50,19 @@ DAY = TODAY - timedelta(days=1)
 
 # Tenants whose ids could collide in Redis keys if ids were joined naively: each gets its own
 # number of users, so a leaked number is recognisable.
-TENANTS: dict[Workspace, int] = {
-    Workspace("acme", "ws"): 3,
-    Workspace("globex", "ws"): 5,
-    Workspace("a:b", "c"): 2,
-    Workspace("a", "b:c"): 7,
-    Workspace("{x}", "y"): 4,
-    Workspace("{x", "}y"): 6,
-    Workspace("x}", "{y"): 11,
-    Workspace("p/q", "r"): 8,
-    Workspace("p", "q/r"): 9,
-    Workspace("p%2Fq", "r"): 10,
-    Workspace("s", "t:u"): 12,
-    Workspace("s:t", "u"): 13,
+TENANTS: dict[Scope, int] = {
+    Scope("acme", "ws"): 3,
+    Scope("globex", "ws"): 5,
+    Scope("a:b", "c"): 2,
+    Scope("a", "b:c"): 7,
+    Scope("{x}", "y"): 4,
+    Scope("{x", "}y"): 6,
+    Scope("x}", "{y"): 11,
+    Scope("p/q", "r"): 8,
+    Scope("p", "q/r"): 9,
+    Scope("p%2Fq", "r"): 10,
+    Scope("s", "t:u"): 12,
+    Scope("s:t", "u"): 13,
 }
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def token(settings: Settings, role: str, org: str | None) -> str:
                        subject=f"{role}@{org}")
 
 
-def path_of(ws: Workspace, template: str = USAGE) -> str:
+def path_of(ws: Scope, template: str = USAGE) -> str:
     return template.format(org=quote(ws.org_id, safe=""), ws=quote(ws.workspace_id, safe=""))
 
 
@@ -174,7 +174,7 @@ async def test_tenant_isolation_every_role_by_own_and_other_org(
     tenant_client: httpx.AsyncClient, xsettings: Settings, role: str, own_ok: bool,
     other_ok: bool,
 ) -> None:
-    mine, theirs = Workspace("acme", "ws"), Workspace("globex", "ws")
+    mine, theirs = Scope("acme", "ws"), Scope("globex", "ws")
     org = None if role == "superadmin" else mine.org_id
     headers = {"Authorization": f"Bearer {token(xsettings, role, org)}"}
     params: dict[str, str | int] = {"end_date": DAY.isoformat(), "period_length": 0}
@@ -219,11 +219,11 @@ async def test_ids_crafted_to_collide_never_show_another_tenants_numbers(
         return await tenant_client.get(target, params=params, headers=root)
 
     slash = await root_get("/api/v2/org/p%2Fq/workspace/r/metrics/usage")
-    assert users_in(slash.json()) == {TENANTS[Workspace("p/q", "r")]}
+    assert users_in(slash.json()) == {TENANTS[Scope("p/q", "r")]}
     literal = await root_get("/api/v2/org/p%252Fq/workspace/r/metrics/usage")
-    assert users_in(literal.json()) == {TENANTS[Workspace("p%2Fq", "r")]}
+    assert users_in(literal.json()) == {TENANTS[Scope("p%2Fq", "r")]}
     split = await root_get("/api/v2/org/p/workspace/q%2Fr/metrics/usage")
-    assert users_in(split.json()) == {TENANTS[Workspace("p", "q/r")]}
+    assert users_in(split.json()) == {TENANTS[Scope("p", "q/r")]}
     # An unencoded slash does not reach the route at all (it is not an id).
     stray = await root_get("/api/v2/org/p/q/workspace/r/metrics/usage")
     assert stray.status_code == 404

@@ -16,6 +16,7 @@ from api.app import create_app
 from api.auth import issue_token
 from api.ratelimit import TokenBuckets, retry_after
 from sketches.config import Settings
+from sketches.connection import open_store
 from tests.faults.helpers import (
     Procs,
     fault_settings,
@@ -26,7 +27,6 @@ from tests.faults.helpers import (
 )
 from tests.support.kafka import produce, wait_applied
 from tests.support.servers import RedisServer
-from usage_metrics.wiring import open_store
 
 USAGE = "/api/v2/org/{org}/workspace/{ws}/metrics/usage"
 

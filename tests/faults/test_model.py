@@ -29,6 +29,7 @@ from hypothesis.stateful import (
 )
 
 from consumer.replay import ReplayStart, replay
+from sketches.connection import open_store
 from tests.faults.helpers import (
     Proc,
     Procs,
@@ -42,7 +43,6 @@ from tests.faults.helpers import (
 from tests.support.kafka import committed, merge_ends, produce, wait_applied
 from tests.support.servers import RedisServer
 from usage_metrics.synth import SynthEvent
-from usage_metrics.wiring import open_store
 
 ORGS = ("acme", "globex", "initech", "umbrella")
 

@@ -22,7 +22,8 @@ import pytest
 from api.app import create_app
 from api.auth import issue_token
 from sketches.config import Settings
-from sketches.keys import Workspace
+from sketches.connection import open_store
+from sketches.keys import Scope
 from sketches.periods import day_of, week_of
 from sketches.store import SketchStore
 from tests.faults.helpers import (
@@ -43,7 +44,6 @@ from tests.support.compare import assert_rows_match
 from tests.support.kafka import committed, merge_ends, produce, running, wait_applied
 from tests.support.servers import RedisServer
 from usage_metrics.synth import SynthEvent
-from usage_metrics.wiring import open_store
 
 USAGE = "/api/v2/org/{org}/workspace/{ws}/metrics/usage"
 BAD = b"\x00 definitely not an event"
@@ -216,7 +216,7 @@ async def test_a_corrupt_or_wrong_type_key_is_logged_and_the_rest_of_the_batch_k
     settings: Settings, store: SketchStore, sketch_mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     await make_topics(settings, partitions=1)
-    broken, healthy = Workspace("acme", "broken"), Workspace("acme", "healthy")
+    broken, healthy = Scope("acme", "broken"), Scope("acme", "healthy")
     events = [
         *(_login("acme", "broken", f"acme/u{i}", days_ago) for i in range(20)
           for days_ago in (2, 3, 4)),
@@ -240,7 +240,7 @@ async def test_a_corrupt_or_wrong_type_key_is_logged_and_the_rest_of_the_batch_k
 
     ends = await produce(settings.kafka_bootstrap_servers, settings.kafka_topic,
                          [e.to_json() for e in events])
-    caplog.set_level(logging.ERROR, logger="consumer.runner")
+    caplog.set_level(logging.ERROR, logger="consumer.writer")
     async with running(settings, store) as group:
         await wait_applied(store, settings.kafka_topic, ends, timeout=60)
         batches = group.batches

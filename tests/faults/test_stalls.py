@@ -13,6 +13,7 @@ import signal
 
 import pytest
 
+from sketches.connection import open_store
 from tests.faults.helpers import (
     Procs,
     Traffic,
@@ -25,7 +26,6 @@ from tests.faults.helpers import (
 )
 from tests.support.kafka import committed, merge_ends, produce, wait_applied
 from tests.support.servers import RedisServer, TansuBroker
-from usage_metrics.wiring import open_store
 
 BROKER_PAUSE_S = 60.0
 

@@ -1,6 +1,6 @@
 """An independent, naive computation of the endpoint's rows from raw events: the oracle.
 
-It shares no code with ``sketches/`` beyond the ``Workspace`` value type: weeks come from
+It shares no code with ``sketches/`` beyond the ``Scope`` value type: weeks come from
 ``date.isocalendar()``, windows from plain set unions, so a bug in the service's period math or
 fill logic cannot hide in both places.
 """
@@ -11,28 +11,28 @@ from collections import defaultdict
 from collections.abc import Iterable
 from datetime import date, timedelta
 
-from sketches.keys import Workspace
+from sketches.keys import Scope
 
-Event = tuple[Workspace, str, date]
+Event = tuple[Scope, str, date]
 
 
 class Oracle:
     def __init__(self, events: Iterable[Event] = ()) -> None:
-        self.days: dict[Workspace, dict[date, set[str]]] = defaultdict(lambda: defaultdict(set))
+        self.days: dict[Scope, dict[date, set[str]]] = defaultdict(lambda: defaultdict(set))
         for ws, subject, day in events:
             self.add(ws, subject, day)
 
-    def add(self, ws: Workspace, subject: str, day: date) -> None:
+    def add(self, ws: Scope, subject: str, day: date) -> None:
         self.days[ws][day].add(subject)
 
-    def _union(self, ws: Workspace, days: Iterable[date]) -> set[str]:
+    def _union(self, ws: Scope, days: Iterable[date]) -> set[str]:
         out: set[str] = set()
         per_day = self.days.get(ws, {})
         for d in days:
             out |= per_day.get(d, set())
         return out
 
-    def dau(self, ws: Workspace, d: date) -> int | None:
+    def dau(self, ws: Scope, d: date) -> int | None:
         return len(self._union(ws, [d])) or None
 
     def week_days(self, d: date, week_start: str = "monday") -> list[date]:
@@ -50,7 +50,7 @@ class Oracle:
             cur += timedelta(days=1)
         return out
 
-    def _filled(self, ws: Workspace, d: date, span: str, week_start: str) -> int | None:
+    def _filled(self, ws: Scope, d: date, span: str, week_start: str) -> int | None:
         """The period's count, else the previous day's value, back to the first data."""
         oldest = min(self.days.get(ws, {d: set()}), default=d)
         cur = d
@@ -64,7 +64,7 @@ class Oracle:
             cur = days[0] - timedelta(days=1)
 
     def rows(
-        self, ws: Workspace, end: date, period_length: int, window: str = "calendar",
+        self, ws: Scope, end: date, period_length: int, window: str = "calendar",
         week_start: str = "monday",
     ) -> list[dict[str, object]]:
         out = []

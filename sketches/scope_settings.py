@@ -44,7 +44,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sketches.errors import UsageMetricsError
-from sketches.keys import KeySpace, Workspace
+from sketches.keys import KeySpace, Scope
 from sketches.periods import WeekStart
 from sketches.store import run_pipeline
 
@@ -340,16 +340,16 @@ def decode_org(raw: bytes | str | None, default_timezone: str) -> OrgSettings:
     return _decode(OrgSettings, raw, default_org_settings(default_timezone))
 
 
-def decode_scope(raw: bytes | str | None, scope: Workspace, default_timezone: str) -> ScopeSettings:
+def decode_scope(raw: bytes | str | None, scope: Scope, default_timezone: str) -> ScopeSettings:
     return decode_org(raw, default_timezone) if scope.is_org else decode(raw, default_timezone)
 
 
-def settings_keys(keys: KeySpace, workspaces: Sequence[Workspace]) -> list[str]:
+def settings_keys(keys: KeySpace, workspaces: Sequence[Scope]) -> list[str]:
     return [keys.settings(ws) for ws in workspaces]
 
 
 async def load_many(
-    client: Any, keys: KeySpace, scopes: Sequence[Workspace], default_timezone: str
+    client: Any, keys: KeySpace, scopes: Sequence[Scope], default_timezone: str
 ) -> list[ScopeSettings]:
     """Each scope's settings (a workspace's or an org's) in one round trip (defaults where none
     are stored)."""
@@ -372,7 +372,7 @@ _ADMIT = (
 )
 
 
-async def admit(client: Any, keys: KeySpace, ws: Workspace) -> None:
+async def admit(client: Any, keys: KeySpace, ws: Scope) -> None:
     """Settings of a workspace that has data are bounded by the data. Any other workspace id is
     only an admin's say-so: each org may hold settings for at most MAX_SETTINGS_WITHOUT_DATA of
     them, so that one admin cannot fill Redis with settings of invented workspaces. A member
@@ -388,7 +388,7 @@ async def admit(client: Any, keys: KeySpace, ws: Workspace) -> None:
     [members] = await run_pipeline(client, [("SMEMBERS", index)])
     names = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members or ())
     exists = await run_pipeline(
-        client, [("EXISTS", keys.version(Workspace(ws.org_id, n))) for n in names]
+        client, [("EXISTS", keys.version(Scope(ws.org_id, n))) for n in names]
     )
     grown = [n for n, e in zip(names, exists, strict=True) if e]
     if grown:
@@ -402,7 +402,39 @@ async def admit(client: Any, keys: KeySpace, ws: Workspace) -> None:
     )
 
 
-async def save(client: Any, keys: KeySpace, ws: Workspace, settings: ScopeSettings) -> None:
+async def save(client: Any, keys: KeySpace, ws: Scope, settings: ScopeSettings) -> None:
     if not ws.is_org:  # an org's own settings are one key per org, bounded by the orgs
         await admit(client, keys, ws)
     await run_pipeline(client, [("SET", keys.settings(ws), encode(settings))])
+
+
+# KEYS[1] the settings key; ARGV: "1" if a value was read (else "0"), the value read, the new one.
+_COMPARE_AND_SET = """
+local current = redis.call('GET', KEYS[1])
+if ARGV[1] == '0' then
+  if current then return 0 end
+elseif current ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+async def read_raw(client: Any, keys: KeySpace, scope: Scope) -> bytes | None:
+    """The stored JSON of a scope's settings, or None when none is stored."""
+    (raw,) = await run_pipeline(client, [("GET", keys.settings(scope))])
+    if isinstance(raw, BaseException):
+        return None  # as the usage route does: an unreadable value means the defaults
+    return bytes(raw) if raw is not None else None
+
+
+async def compare_and_set(
+    client: Any, keys: KeySpace, scope: Scope, expected: bytes | None, settings: ScopeSettings
+) -> bool:
+    """Store ``settings`` if the stored value is still ``expected``; False if it changed."""
+    (done,) = await run_pipeline(client, [(
+        "EVAL", _COMPARE_AND_SET, 1, keys.settings(scope),
+        "0" if expected is None else "1", expected or b"", encode(settings),
+    )])
+    return bool(done == 1)
