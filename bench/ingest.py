@@ -118,9 +118,12 @@ def _events(
 
 
 async def _create_topics(bootstrap: str, topic: str, dlq: str, partitions: int) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin import NewTopic
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    from consumer.kafka import make_admin_client
+    from sketches.config import Settings
+
+    admin = make_admin_client(Settings(kafka_bootstrap_servers=bootstrap, _env_file=None))  # type: ignore[call-arg]
     await admin.start()
     try:
         await admin.create_topics([

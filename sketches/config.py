@@ -10,17 +10,23 @@ package that imports them. It holds values only; nothing here opens a client.
 
 from __future__ import annotations
 
+import ssl
 from functools import cached_property
+from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote_plus, urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sketches.keys import KeySpace
 
 SketchMode = Literal["hll", "exact"]
 MIN_JWT_SECRET_BYTES = 32
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+SASL_PROTOCOLS = frozenset({"SASL_PLAINTEXT", "SASL_SSL"})
+TLS_PROTOCOLS = frozenset({"SSL", "SASL_SSL"})
 
 
 class Settings(BaseSettings):
@@ -33,6 +39,17 @@ class Settings(BaseSettings):
     kafka_topic: str = "metrics"
     kafka_dlq_topic: str = "metrics.dlq"
     kafka_group_id: str = "usage-metrics"
+    # How every Kafka client of every process connects (consumer.kafka.kafka_client_args):
+    # managed Kafka wants TLS, usually with SASL (PLAIN or SCRAM) or client certificates.
+    kafka_security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: KafkaSaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    # PEM files. Without a CA file the system's trust store checks the broker's certificate.
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_key_password: SecretStr | None = None
 
     redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
     redis_cluster: bool = False
@@ -108,6 +125,32 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        # Found at start-up rather than at the first connection, which would only say that the
+        # TLS handshake failed. A path is not a secret: naming it tells the operator what to fix.
+        if value is None:
+            return None
+        if not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        try:
+            with value.open("rb"):
+                pass
+        except OSError as err:
+            raise ValueError(f"cannot read {value}: {err.strerror}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _kafka_security_consistent(self) -> Settings:
+        # A credential the chosen protocol would silently ignore is refused: with managed Kafka
+        # it means the protocol is wrong (SSL where SASL_SSL was meant), and the broker would
+        # only answer with a confusing disconnect.
+        problems = kafka_security_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @cached_property
     def keyspace(self) -> KeySpace:
         return KeySpace(self.redis_key_prefix, self.sketch_mode)
@@ -115,6 +158,87 @@ class Settings(BaseSettings):
     def redis_url_redacted(self) -> str:
         """The Redis URL without its credentials, for logs (``redact_url``)."""
         return redact_url(self.redis_url.get_secret_value())
+
+
+def kafka_security_problems(settings: Settings) -> list[str]:
+    """What is wrong with the Kafka security settings taken together, each naming the settings
+    and never a secret's value; empty when they can be used as they are."""
+    protocol = settings.kafka_security_protocol
+    sasl = {
+        "KAFKA_SASL_MECHANISM": settings.kafka_sasl_mechanism,
+        "KAFKA_SASL_USERNAME": settings.kafka_sasl_username or None,
+        "KAFKA_SASL_PASSWORD": (
+            settings.kafka_sasl_password.get_secret_value() or None
+            if settings.kafka_sasl_password is not None else None
+        ),
+    }
+    tls = {
+        "KAFKA_SSL_CAFILE": settings.kafka_ssl_cafile,
+        "KAFKA_SSL_CERTFILE": settings.kafka_ssl_certfile,
+        "KAFKA_SSL_KEYFILE": settings.kafka_ssl_keyfile,
+        "KAFKA_SSL_KEY_PASSWORD": settings.kafka_ssl_key_password,
+    }
+    problems: list[str] = []
+    if protocol in SASL_PROTOCOLS:
+        missing = [name for name, value in sasl.items() if value is None]
+        if missing:
+            problems.append(f"KAFKA_SECURITY_PROTOCOL={protocol} needs {', '.join(missing)}")
+    else:
+        stray = [name for name, value in sasl.items() if value is not None]
+        if stray:
+            problems.append(
+                f"{', '.join(stray)} set but KAFKA_SECURITY_PROTOCOL={protocol} does not use "
+                f"SASL (use {'SASL_SSL' if protocol == 'SSL' else 'SASL_PLAINTEXT or SASL_SSL'})"
+            )
+    if protocol not in TLS_PROTOCOLS:
+        stray = [name for name, value in tls.items() if value is not None]
+        if stray:
+            problems.append(
+                f"{', '.join(stray)} set but KAFKA_SECURITY_PROTOCOL={protocol} does not use "
+                f"TLS (use {'SASL_SSL' if protocol == 'SASL_PLAINTEXT' else 'SSL or SASL_SSL'})"
+            )
+        return problems
+    if settings.kafka_ssl_keyfile is not None and settings.kafka_ssl_certfile is None:
+        problems.append("KAFKA_SSL_KEYFILE needs KAFKA_SSL_CERTFILE (the client certificate)")
+    elif settings.kafka_ssl_key_password is not None and settings.kafka_ssl_certfile is None:
+        problems.append("KAFKA_SSL_KEY_PASSWORD needs KAFKA_SSL_CERTFILE (and its key)")
+    else:
+        problems.extend(_tls_material_problems(settings))
+    return problems
+
+
+def kafka_key_password(settings: Settings) -> str:
+    """The client key's password for ``SSLContext.load_cert_chain``: never ``None``, because
+    with ``None`` OpenSSL asks for an encrypted key's password on the terminal, and a service
+    would hang at start-up instead of refusing to start."""
+    secret = settings.kafka_ssl_key_password
+    return secret.get_secret_value() if secret is not None else ""
+
+
+def _tls_material_problems(settings: Settings) -> list[str]:
+    """Loads the CA and the client certificate and key as the Kafka clients will, so that a
+    file that is not PEM, a key of another certificate or a wrong key password stops the
+    start-up with the setting's name instead of failing every TLS handshake."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    problems: list[str] = []
+    cafile = settings.kafka_ssl_cafile
+    if cafile is not None:
+        try:
+            context.load_verify_locations(cafile=cafile)
+        except (ssl.SSLError, OSError, ValueError):
+            problems.append(f"KAFKA_SSL_CAFILE holds no PEM CA certificate: {cafile}")
+    certfile, keyfile = settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile
+    if certfile is not None:
+        try:
+            context.load_cert_chain(certfile, keyfile, password=kafka_key_password(settings))
+        except (ssl.SSLError, OSError, ValueError):
+            key = f"KAFKA_SSL_KEYFILE ({keyfile})" if keyfile else f"the key in {certfile}"
+            problems.append(
+                f"KAFKA_SSL_CERTFILE ({certfile}) and {key} do not load: each must be PEM, the "
+                "key must belong to the certificate, and an encrypted key needs its "
+                "KAFKA_SSL_KEY_PASSWORD"
+            )
+    return problems
 
 
 # Query parameters that redis-py reads credentials from (``redis://h/0?password=...``).

@@ -16,6 +16,9 @@ import httpx
 def test_demo_prints_a_curl_line_that_returns_data(tmp_path: object) -> None:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("KAFKA_", "REDIS_", "JWT_"))}
+    # Settings for a managed Kafka in the environment do not reach the demo's own broker.
+    env.update(KAFKA_SECURITY_PROTOCOL="SASL_SSL", KAFKA_SASL_MECHANISM="SCRAM-SHA-512",
+               KAFKA_SASL_USERNAME="someone", KAFKA_SASL_PASSWORD="not-for-the-demo")
     proc = subprocess.Popen(
         [sys.executable, "-m", "usage_metrics.cli", "demo", "--port", "0", "--days", "21"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,

@@ -24,11 +24,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import uvicorn
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 
 from api.app import create_app
 from api.auth import issue_token
+from consumer.kafka import (
+    KafkaAccessRefused,
+    check_kafka_access,
+    make_admin_client,
+    make_producer,
+)
 from consumer.runner import GroupConsumer
 from sketches.config import Settings
 from sketches.connection import open_store
@@ -97,14 +102,18 @@ def _spawn_servers(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], int, i
 async def _create_topics(settings: Settings) -> None:
     deadline = time.monotonic() + 30
     while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+        admin = make_admin_client(settings)
         try:
+            # A refusal is final (the CLI exits 4); a broker still starting is waited for.
+            await check_kafka_access(settings)
             await admin.start()
             await admin.create_topics([
                 NewTopic(settings.kafka_topic, num_partitions=4, replication_factor=1),
                 NewTopic(settings.kafka_dlq_topic, num_partitions=1, replication_factor=1),
             ])
             return
+        except KafkaAccessRefused:
+            raise
         except Exception:
             if time.monotonic() > deadline:
                 raise
@@ -120,9 +129,7 @@ async def _publish(settings: Settings, days: int) -> int:
     sizes = workspace_sizes(len(WORKSPACES), 400, rng)
     spaces = [(o, w, n) for (o, w), n in zip(WORKSPACES, sizes, strict=True)]
     first = utc_today() - timedelta(days=days - 1)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=20, compression_type="lz4"
-    )
+    producer = make_producer(settings, linger_ms=20, compression_type="lz4")
     await producer.start()
     sent = 0
     events = list(logins(spaces, first, days, other_types=0.1))
@@ -152,6 +159,11 @@ async def run_demo(port: int, days: int, exit_when_ready: bool) -> int:
     settings = Settings(
         kafka_bootstrap_servers=bootstrap, redis_url=redis_url, jwt_secret=secret,
         consumer_fetch_timeout_ms=200, _env_file=None,
+        # The demo's broker is its own, on loopback, without TLS or SASL: Kafka security
+        # settings in the environment (meant for a managed cluster) do not apply to it.
+        kafka_security_protocol="PLAINTEXT", kafka_sasl_mechanism=None,
+        kafka_sasl_username=None, kafka_sasl_password=None, kafka_ssl_cafile=None,
+        kafka_ssl_certfile=None, kafka_ssl_keyfile=None, kafka_ssl_key_password=None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
