@@ -21,6 +21,12 @@ from usage_metrics.progress import progress_bar
 log = logging.getLogger("usage_metrics")
 T = TypeVar("T")
 
+# Exit codes a supervisor can act on (README, Commands).
+EXIT_INVALID_SETTINGS = 2
+EXIT_STALLED = 3
+EXIT_KAFKA_REFUSED = 4
+KAFKA_COMMANDS = frozenset({"consume", "replay", "rebuild", "demo"})
+
 
 def _install_stop(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
@@ -30,9 +36,11 @@ def _install_stop(stop: asyncio.Event) -> None:
 
 async def _consume(settings: Settings) -> int:
     from consumer.health import serve_health
+    from consumer.kafka import check_kafka_access
     from consumer.runner import ConsumerStalled, GroupConsumer
     from sketches.connection import open_store
 
+    await check_kafka_access(settings)
     stop = asyncio.Event()
     _install_stop(stop)
     async with open_store(settings) as store:
@@ -44,7 +52,7 @@ async def _consume(settings: Settings) -> int:
             await group.run(stop)
         except ConsumerStalled as err:
             log.error("%s", err)
-            return 3
+            return EXIT_STALLED
         finally:
             if health is not None:
                 health.close()
@@ -71,9 +79,11 @@ def _parse_when(text: str) -> datetime:
 
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    from consumer.kafka import check_kafka_access
     from consumer.replay import ReplayStart, UnreadableRange, replay
     from sketches.connection import open_store
 
+    await check_kafka_access(settings)
     if args.from_beginning:
         start = ReplayStart("beginning")
     elif args.from_timestamp is not None:
@@ -97,10 +107,14 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
 async def _rebuild(settings: Settings, org: str, workspace: str | None) -> int:
     """One workspace's sketches, or (without a workspace) the org's own, deleted and replayed
     from the retained topic: the other scopes are not touched."""
+    from consumer.kafka import check_kafka_access
     from consumer.replay import ReplayStart, replay
     from sketches.connection import open_store
     from sketches.keys import Scope, org_scope
 
+    # Before anything is deleted: a rebuild that cannot read the topic must leave the old
+    # sketches in place.
+    await check_kafka_access(settings)
     scope = Scope(org, workspace) if workspace else org_scope(org)
     name = f"{org}/{workspace}" if workspace else f"org {org}"
     async with open_store(settings) as store:
@@ -184,15 +198,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings()
     except ValidationError as err:
         # Refuse to start, naming each setting and the rule, never the value (it may be secret).
+        # A rule over several settings has no location: its message names them.
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in e['loc']).upper()}: {e['msg']}"
+            f"{'.'.join(str(part) for part in e['loc']).upper()}: {e['msg']}" if e["loc"]
+            else e["msg"]
             for e in err.errors(include_url=False, include_input=False)
         )
         sys.stderr.write(f"usage-metrics: refusing to start, invalid settings: {problems}\n")
-        return 2
+        return EXIT_INVALID_SETTINGS
     setup_logging(settings)
-    if args.command == "consume":
-        return _run(_consume(settings))
+    if args.command in KAFKA_COMMANDS:
+        from consumer.kafka import KafkaAccessRefused
+
+        try:
+            return _kafka_command(settings, args)
+        except KafkaAccessRefused as err:
+            # One line, no traceback: retrying cannot help, the settings (or the broker's
+            # users and certificates) must change.
+            log.error("%s", err)
+            return EXIT_KAFKA_REFUSED
     if args.command == "api":
         import uvicorn
 
@@ -208,17 +232,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         _run(server.serve())
         return 0
+    if args.command == "token":
+        return _token(settings, args)
+    return 2
+
+
+def _kafka_command(settings: Settings, args: argparse.Namespace) -> int:
+    if args.command == "consume":
+        return _run(_consume(settings))
     if args.command == "replay":
         return _run(_replay(settings, args))
     if args.command == "rebuild":
         return _run(_rebuild(settings, args.org, args.workspace))
-    if args.command == "token":
-        return _token(settings, args)
-    if args.command == "demo":
-        from usage_metrics.demo import run_demo
+    from usage_metrics.demo import run_demo
 
-        return asyncio.run(run_demo(args.port, args.days, args.exit_when_ready))
-    return 2
+    return asyncio.run(run_demo(args.port, args.days, args.exit_when_ready))
 
 
 if __name__ == "__main__":
