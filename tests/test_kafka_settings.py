@@ -63,6 +63,11 @@ REFUSED: dict[str, tuple[Callable[[Pki], dict[str, Any]], list[str]]] = {
                    "kafka_sasl_username": "u", "kafka_sasl_password": ""},
         ["needs KAFKA_SASL_PASSWORD"],
     ),
+    "sasl with an empty username": (
+        lambda p: {"kafka_security_protocol": "SASL_SSL", "kafka_sasl_mechanism": "PLAIN",
+                   "kafka_sasl_username": "", "kafka_sasl_password": PASSWORD},
+        ["needs KAFKA_SASL_USERNAME"],
+    ),
     "sasl without mechanism": (
         lambda p: {"kafka_security_protocol": "SASL_SSL", "kafka_sasl_username": "u",
                    "kafka_sasl_password": PASSWORD},
