@@ -854,8 +854,9 @@ def _tenants(s: dict[str, Any], cfg: dict[str, Any]) -> str:
         "`ingest` takes them; CPU over the same window: the consumer's from `/proc/<pid>/stat`, "
         "Redis's from `INFO cpu` (`used_cpu_sys` + `used_cpu_user`), per login; the commands "
         "from `INFO commandstats` (a script's time holds the commands it runs, which are listed "
-        "too). The benchmark reads the offsets ~50 times a second (`MGET`), in Redis's "
-        "figures. Every run has its own broker and redis-server.")
+        "too; these are wall times inside Redis, so on a shared machine they exceed its CPU "
+        "time, which `INFO cpu` gives). The benchmark reads the offsets ~50 times a second "
+        "(`MGET`), in Redis's figures. Every run has its own broker and redis-server.")
     lines.append("")
     lines.append(
         "| shape | workspaces | one day of data: sketches | metadata | × | median workspace "
