@@ -18,8 +18,8 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench import report, tenants
 from bench import tenantdata as td
-from bench import tenants
 from bench.config import BenchConfig, load_config
 from sketches.keys import KeySpace, Scope
 from sketches.periods import day_of, month_of, sunday_week_of, week_of
@@ -240,6 +240,15 @@ def test_one_sweep_run_through_the_real_consumer_and_api(
     assert totals["sketch_keys"] == run["topic"]["expected_sketch_keys"]
     assert totals["tags"] == run["topic"]["scopes"]
     assert run["used_memory_per_1000_scopes"] > 0
+    # The report renders what the run recorded.
+    section = {"counts": [200], "shapes": ["live"], "events": cfg.tenant_events,
+               "partitions": cfg.partitions, "runs": [run]}
+    table = report._tenants(section, {})
+    assert f"| live | 200 | {run['topic']['scopes']:,} |" in table
+    rows = {v["target"][:40]: v for v in report.tenant_verdicts({"tenants": section})}
+    metadata = next(v for k, v in rows.items() if k.startswith("per-scope metadata"))
+    worst = max(r["metadata_per_sketch"] for r in run["memory"]["one_day"]["workspaces"])
+    assert metadata["pass"] == (worst <= 1.0)
 
 
 def test_one_rebuild_beside_a_bare_read(
