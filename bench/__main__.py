@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from bench import accuracy, ingest, live, live_ingest, queries, querydata
+from bench import accuracy, ingest, live, live_ingest, queries, querydata, tenants
 from bench.config import BenchConfig, as_dict, load_config
 from bench.contention import WatchProcess, wait_quiet
 from bench.report import markdown, profiles
@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                     queries.memory_section(cfg, data, url)))
         if {"live", "backfill_query"} & set(cfg.sections):
             _live_sections(cfg, results, logdir, servers)
+        if "tenants" in cfg.sections:
+            # Its own brokers and redis-servers, one per stage (bench.tenants.servers).
+            _section(results, "tenants", lambda: tenants.run(
+                cfg, logdir, mark=WATCH.mark if WATCH is not None else None))
         if "accuracy" in cfg.sections:
             if not any(isinstance(s, RedisServer) and s.proc and s.proc.poll() is None
                        for s in servers):

@@ -55,6 +55,22 @@ class BenchConfig:
     live_workspaces: int = 1_000
     live_events: int = 2_000_000
 
+    # Tenants (issue 17): the same logins over each count of workspaces (10 an org), each shape,
+    # through the real consumer; a live query and a rebuild among the largest count.
+    tenant_counts: tuple[int, ...] = (1_000, 10_000, 100_000)
+    tenant_events: int = 1_000_000
+    tenant_shapes: tuple[str, ...] = ("live", "backfill")
+    tenant_repeats: int = 1
+    tenant_samples: int = 5  # workspaces measured per kind (one day of data; median)
+    tenant_background_days: int = 3  # days of data of each neighbour of the live query
+    tenant_repeat_seconds: float = 6.0  # the repeated request beside /healthz, per window
+    tenant_query: bool = True
+    tenant_rebuild: bool = True
+    tenant_dense_dau: int = 3_000  # the live query's workspace (the densest of issue 10)
+    # Settings (NAME=value,...) given to the rebuild of the topic keyed by workspace id, such as
+    # one that says producers key by workspace; none exists yet.
+    tenant_keyed_env: str = ""
+
     # Accuracy: log-spaced cardinalities, independent sketches per cardinality.
     acc_min: int = 10
     acc_max: int = 1_000_000
@@ -62,7 +78,7 @@ class BenchConfig:
     acc_trials: int = 5
 
     sections: tuple[str, ...] = ("ingest", "live_ingest", "query", "backfill_query", "live",
-                                 "accuracy")
+                                 "tenants", "accuracy")
     profile: bool = True
     quick: bool = False
     seed: int = 20_261_124
@@ -97,6 +113,12 @@ QUICK = {
     "live_cost_rounds": 3,
     "live_exact_seconds": 4.0,
     "live_events": 500_000,
+    "tenant_counts": (1_000, 100_000),
+    "tenant_events": 200_000,
+    "tenant_samples": 3,
+    "tenant_dense_dau": 500,
+    "tenant_background_days": 1,
+    "tenant_repeat_seconds": 3.0,
 }
 
 
@@ -126,9 +148,13 @@ _PARSERS: dict[str, Any] = {
     "live_rate": float, "live_seconds": float, "live_health_seconds": float,
     "live_cost_rounds": int, "live_tolerance": float, "live_exact_days": int,
     "live_exact_seconds": float, "live_workspaces": int, "live_events": int,
+    "tenant_counts": _tuple_of_ints, "tenant_events": int, "tenant_shapes": _tuple_of_str,
+    "tenant_repeats": int, "tenant_samples": int, "tenant_background_days": int,
+    "tenant_repeat_seconds": float, "tenant_query": _truthy, "tenant_rebuild": _truthy,
+    "tenant_dense_dau": int, "tenant_keyed_env": str,
 }
 
-SECTIONS = ("ingest", "live_ingest", "query", "backfill_query", "live", "accuracy")
+SECTIONS = ("ingest", "live_ingest", "query", "backfill_query", "live", "tenants", "accuracy")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,10 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the servers' and processes' log directory")
     for name, parser in _PARSERS.items():
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=str, default=None, dest=name,
-                       help=f"default {getattr(BenchConfig, name, '')!r}"
-                       if not callable(parser) or parser in (int, float, str)
-                       else "comma-separated")
+        default = getattr(BenchConfig, name, "")
+        if parser is _truthy:
+            text = f"1 or 0, default {int(default)}"
+        elif parser in (int, float, str):
+            text = f"default {default!r}"
+        else:
+            text = f"comma-separated, default {','.join(map(str, default))}"
+        p.add_argument(flag, type=str, default=None, dest=name, help=text)
     return p
 
 
@@ -171,7 +201,11 @@ def load_config(argv: list[str] | None = None) -> tuple[BenchConfig, list[str]]:
     for name, parser in _PARSERS.items():
         raw = pick(name)
         if raw is not None:
-            changes[name] = parser(raw)
+            try:
+                changes[name] = parser(raw)
+            except ValueError:
+                raise SystemExit(f"--{name.replace('_', '-')} (or BENCH_{name.upper()}): "
+                                 f"cannot read {raw!r}") from None
     if args.profile is not None:
         changes["profile"] = args.profile
     elif "BENCH_PROFILE" in env:
@@ -184,6 +218,17 @@ def load_config(argv: list[str] | None = None) -> tuple[BenchConfig, list[str]]:
     unknown = set(cfg.sections) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    shapes = set(cfg.tenant_shapes) - {"live", "backfill"}
+    if shapes:
+        raise SystemExit(f"unknown tenant shapes {sorted(shapes)}; choose from live, backfill")
+    if not cfg.tenant_counts or min(cfg.tenant_counts) < 1:
+        raise SystemExit("--tenant-counts needs at least one count of 1 or more")
+    from bench.tenantdata import parse_env
+
+    try:
+        parse_env(cfg.tenant_keyed_env)
+    except ValueError as err:
+        raise SystemExit(f"--tenant-keyed-env: {err}") from None
     command = ["python -m bench"]
     if cfg.quick:
         command.append("--quick")
