@@ -398,3 +398,46 @@ async def test_the_api_refuses_settings_changes_on_a_full_redis_and_keeps_readin
     answers = getattr(app.state, "answers", None)
     if answers is not None:
         await answers.drain()
+
+
+async def test_a_policy_config_get_does_not_know_is_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Some managed services answer ``CONFIG GET`` with nothing for a hidden parameter: that is
+    no policy, not ``noeviction``. (A real Redis answers nothing for a name it does not have.)"""
+    import sketches.eviction as eviction
+
+    monkeypatch.setattr(eviction, "POLICY", "no-such-parameter")
+    with redis_server() as server:
+        client = aioredis.Redis(port=server.port)
+        try:
+            [node] = await read_policies(client)
+        finally:
+            await client.aclose()
+    assert node.policy is None
+    assert node.refusal == "CONFIG GET maxmemory-policy answered nothing"
+    assert decide([node], allow_eviction=False).verdict is Verdict.UNKNOWN
+
+
+async def test_the_api_refuses_late_when_redis_answers_late_with_an_evicting_policy() -> None:
+    """Under any ASGI server: started while Redis was away, the API learns the policy once it
+    answers; a refusal then makes /readyz say why and calls the server's stop hook."""
+    port = free_port()
+    settings = settings_for(f"redis://127.0.0.1:{port}/0")
+    app = create_app(settings)
+    stopped = asyncio.Event()
+    app.state.stop_server = stopped.set
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http,
+    ):
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json() == {"detail": "store unavailable"}
+        with redis_server("--maxmemory-policy", "volatile-ttl", port=port):
+            await asyncio.wait_for(stopped.wait(), 30)
+            ready = await http.get("/readyz")
+        assert ready.status_code == 503
+        detail = ready.json()["detail"]
+        assert detail.startswith("refusing to start: Redis at 127.0.0.1:")
+        assert "maxmemory-policy volatile-ttl" in detail
