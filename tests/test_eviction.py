@@ -181,6 +181,11 @@ def test_the_out_of_memory_reason_gives_the_full_masters_figures() -> None:
     near = oom_reason([NodeMemory("a:1", used=3 << 20, maxmemory=4 << 20)])
     assert "a:1: maxmemory 4.0 MiB, used 3.0 MiB" in near
     assert "maxmemory unknown: INFO refused" in oom_reason(None, "INFO refused")
+    # Exactly at the limit is full (Redis refuses from there on).
+    at = oom_reason([NodeMemory("a:1", used=4 << 20, maxmemory=4 << 20),
+                     NodeMemory("b:2", used=1 << 20, maxmemory=4 << 20)])
+    assert "a:1: maxmemory 4.0 MiB, used 4.0 MiB" in at
+    assert "b:2" not in at
     assert "maxmemory unknown" in oom_reason([NodeMemory("c:3", used=1, maxmemory=0)])
 
 
@@ -274,6 +279,20 @@ async def test_a_redis_that_answers_late_is_checked_once_it_answers() -> None:
         assert await asyncio.wait_for(waiting, 10) is None
     finally:
         await client.aclose()
+
+
+async def test_memory_figures_come_from_info_memory() -> None:
+    with redis_server("--maxmemory", "64mb") as server:
+        client = aioredis.Redis(port=server.port)
+        try:
+            [node] = await read_memory(client)
+            info = await client.info("memory")
+        finally:
+            await client.aclose()
+    assert node.node == f"localhost:{server.port}"
+    assert node.maxmemory == 64 << 20
+    assert 0 < node.used < 16 << 20  # an empty server: a few MiB at most
+    assert abs(node.used - int(info["used_memory"])) < 1 << 20
 
 
 # ---------------------------------------------------------------- real servers: a full Redis
