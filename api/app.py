@@ -122,7 +122,8 @@ async def _check_eviction(app: FastAPI, settings: Settings) -> asyncio.Task[None
 async def _check_later(app: FastAPI, settings: Settings) -> None:
     try:
         await check_policy(app.state.store.client, settings.redis_allow_eviction,
-                           max_backoff=settings.redis_retry_max_backoff_s)
+                           max_backoff=settings.redis_retry_max_backoff_s,
+                           where=settings.redis_url_redacted())
     except EvictionRefused as err:
         app.state.eviction_refusal = str(err)
         log.error("%s", err)

@@ -215,7 +215,8 @@ class GroupConsumer:
         Redis may evict keys (and ``REDIS_ALLOW_EVICTION`` is not set)."""
         settings = self.settings
         policy = await check_policy(self.store.client, settings.redis_allow_eviction,
-                                    max_backoff=settings.redis_retry_max_backoff_s, stop=stop)
+                                    max_backoff=settings.redis_retry_max_backoff_s, stop=stop,
+                                    where=settings.redis_url_redacted())
         if policy is None:
             return  # asked to stop while waiting for Redis
         consumer = make_kafka_consumer(settings, settings.kafka_group_id)

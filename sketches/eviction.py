@@ -196,11 +196,13 @@ async def check_policy(
     *,
     max_backoff: float,
     stop: asyncio.Event | None = None,
+    where: str = "",
 ) -> PolicyCheck | None:
     """Read and judge the policy once Redis answers, retrying with a growing backoff meanwhile
     (a Redis that is down at start is waited for, as every write is). Logs the verdict and sets
     the gauge; raises ``EvictionRefused`` for a refused one (the caller says so and exits), and
-    returns None if ``stop`` is set before Redis answered."""
+    returns None if ``stop`` is set before Redis answered. ``where`` (the redacted URL) goes
+    into the log lines of the wait, so that a wrong address or password shows which."""
     backoff, attempt = 0.1, 0
     while True:
         attempt += 1
@@ -208,8 +210,9 @@ async def check_policy(
             nodes = await read_policies(client)
             break
         except StoreUnavailable as err:
-            log.warning("cannot check Redis's maxmemory-policy yet (attempt %d), retrying in "
-                        "%.1fs: %s", attempt, backoff, err)
+            log.warning("store unavailable%s, cannot check Redis's maxmemory-policy yet "
+                        "(attempt %d), retrying in %.1fs: %s", f" at {where}" if where else "",
+                        attempt, backoff, err)
         if stop is None:
             await asyncio.sleep(backoff)
         else:

@@ -78,7 +78,8 @@ async def _check_policy(settings: Settings) -> None:
 
     async with open_store(settings) as store:
         await check_policy(store.client, settings.redis_allow_eviction,
-                           max_backoff=settings.redis_retry_max_backoff_s)
+                           max_backoff=settings.redis_retry_max_backoff_s,
+                           where=settings.redis_url_redacted())
 
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
