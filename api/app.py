@@ -2,8 +2,14 @@
 
 ``create_app(settings)`` builds everything from settings when it starts; a test may pass its own
 ``store`` instead. Failures map to the contract's statuses with a JSON body and never a traceback:
-auth to 401/403, a dead Redis to 503 (with ``Retry-After``), a damaged key to a 500 that names the
-workspace's problem and not the stack.
+auth to 401/403, a dead Redis to 503 (with ``Retry-After``), a full Redis to 503 for writes only
+(reads go on), a damaged key to a 500 that names the workspace's problem and not the stack.
+
+At start the lifespan checks Redis's ``maxmemory-policy`` (``sketches.eviction``) and refuses to
+start on an evicting Redis, with that reason as the one error line (``CleanStartupRefusal``). A
+Redis that does not answer yet is checked in the background once it does, and the API answers
+503 meanwhile as it always has; a refusal found then makes ``/readyz`` say why and calls
+``app.state.stop_server`` (``usage-metrics api`` sets it, and exits with the refusal's status).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import dashboard, docs, observability, ratelimit, settings_routes
 from api.auth import Forbidden, TokenVerifier, Unauthenticated
@@ -26,7 +32,8 @@ from api.routes import router
 from sketches import hll
 from sketches.config import Settings
 from sketches.connection import open_store
-from sketches.errors import CorruptSketch, QueryBusy, StoreUnavailable
+from sketches.errors import CorruptSketch, QueryBusy, StoreOutOfMemory, StoreUnavailable
+from sketches.eviction import EvictionRefused, check_policy, judge, read_policies
 from sketches.scope_settings import TooManySettingsWithoutData
 from sketches.store import SketchStore
 
@@ -34,6 +41,10 @@ log = logging.getLogger(__name__)
 
 ID_ROUTES_PREFIX = b"/api/v2/org/"
 BUSY_RETRY_AFTER_S = 1
+# A full Redis frees memory when an operator acts, not in seconds.
+OUT_OF_MEMORY_RETRY_AFTER_S = 30
+# How long the lifespan waits for Redis's first answer before it checks in the background.
+FIRST_POLICY_CHECK_S = 5.0
 
 
 class RawPathIds:
@@ -54,6 +65,71 @@ class RawPathIds:
                 scope = dict(scope)
                 scope["path"] = raw.split(b"?", 1)[0].decode("latin-1")
         await self.app(scope, receive, send)
+
+
+class CleanStartupRefusal:
+    """A lifespan that refuses to start for a reason of ours (``EvictionRefused``) ends with
+    that reason as the server's one error line. Starlette would send its traceback as the
+    failure message, and uvicorn logs it whole."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        held: list[Message] = []
+
+        async def hold_failure(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)  # sent below, once the reason is known
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, hold_failure)
+        except EvictionRefused as err:
+            await send({"type": "lifespan.startup.failed", "message": str(err)})
+            return
+        except BaseException:
+            for message in held:
+                await send(message)
+            raise
+        for message in held:
+            await send(message)
+
+
+async def _check_eviction(app: FastAPI, settings: Settings) -> asyncio.Task[None] | None:
+    """Refuse an evicting Redis now (``EvictionRefused``), or, if Redis does not answer within
+    ``FIRST_POLICY_CHECK_S``, check once it does (the returned task) while the API answers 503
+    as it always did without Redis."""
+    client = app.state.store.client
+    try:
+        nodes = await asyncio.wait_for(read_policies(client), FIRST_POLICY_CHECK_S)
+    except (StoreUnavailable, TimeoutError) as err:
+        log.warning("Redis does not answer yet (%s): its maxmemory-policy is checked once it "
+                    "does", str(err) or f"no answer within {FIRST_POLICY_CHECK_S:.0f} s")
+        return asyncio.create_task(_check_later(app, settings))
+    try:
+        judge(nodes, settings.redis_allow_eviction)
+    except EvictionRefused as err:
+        app.state.eviction_refusal = str(err)
+        raise
+    return None
+
+
+async def _check_later(app: FastAPI, settings: Settings) -> None:
+    try:
+        await check_policy(app.state.store.client, settings.redis_allow_eviction,
+                           max_backoff=settings.redis_retry_max_backoff_s,
+                           where=settings.redis_url_redacted())
+    except EvictionRefused as err:
+        app.state.eviction_refusal = str(err)
+        log.error("%s", err)
+        stop = getattr(app.state, "stop_server", None)
+        if stop is not None:
+            stop()
 
 
 def _detail(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -97,7 +173,13 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
                 app.state.store = await stack.enter_async_context(open_store(settings))
             else:
                 app.state.store = store
-            yield
+            later = await _check_eviction(app, settings)
+            try:
+                yield
+            finally:
+                if later is not None:
+                    later.cancel()
+                    await asyncio.gather(later, return_exceptions=True)
             answers = getattr(app.state, "answers", None)
             if answers is not None:
                 await answers.drain()
@@ -126,6 +208,14 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
     @app.exception_handler(Forbidden)
     async def _forbidden(request: Request, exc: Forbidden) -> JSONResponse:
         return _detail(403, str(exc))
+
+    @app.exception_handler(StoreOutOfMemory)
+    async def _full(request: Request, exc: StoreOutOfMemory) -> JSONResponse:
+        # Only writes meet it (settings): reads go on being served from what Redis holds.
+        log.warning("Redis is out of memory, a write was refused: %s", exc)
+        return _detail(503, "Redis is out of memory (maxmemory): this change cannot be stored "
+                            f"now; reading still works. Retry in {OUT_OF_MEMORY_RETRY_AFTER_S} s",
+                       {"Retry-After": str(OUT_OF_MEMORY_RETRY_AFTER_S)})
 
     @app.exception_handler(StoreUnavailable)
     async def _unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
@@ -159,6 +249,9 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
 
     @app.get("/readyz", include_in_schema=False, response_model=None)
     async def readyz(request: Request) -> Any:
+        refusal = getattr(request.app.state, "eviction_refusal", None)
+        if refusal is not None:
+            return _detail(503, refusal)
         try:
             await request.app.state.store.ping()
         except StoreUnavailable as err:
@@ -180,4 +273,5 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
     ratelimit.install(app, settings, app.state.verifier)
     app.add_middleware(observability.ObservabilityMiddleware, metrics=api_metrics)
     app.add_middleware(RawPathIds)
+    app.add_middleware(CleanStartupRefusal)
     return app

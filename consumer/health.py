@@ -1,16 +1,19 @@
 """The consumer's small HTTP port: ``/healthz`` (the process answers), ``/readyz`` (joined the
-group, Redis reachable, not stalled) and ``/metrics`` (Prometheus). A few lines of asyncio are
-enough here; the consumer has no web framework to carry."""
+group, Redis reachable and taking writes, not stalled) and ``/metrics`` (Prometheus). A few
+lines of asyncio are enough here; the consumer has no web framework to carry."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from consumer.pause import REDIS_OOM
 from consumer.runner import GroupConsumer
 from sketches.errors import StoreUnavailable
+from sketches.eviction import oom_reason, read_memory
 
 
 async def _status(group: GroupConsumer, path: str) -> tuple[int, str, bytes]:
@@ -25,6 +28,13 @@ async def _status(group: GroupConsumer, path: str) -> tuple[int, str, bytes]:
             await group.store.ping()
         except StoreUnavailable:
             return 503, "application/json", b'{"detail": "store unavailable"}'
+        if group.pause.reason == REDIS_OOM:
+            # Redis answers PING but refuses writes: say so, with its figures.
+            try:
+                reason = oom_reason(await read_memory(group.store.client))
+            except StoreUnavailable as err:
+                reason = oom_reason(None, str(err))
+            return 503, "application/json", json.dumps({"detail": reason}).encode()
         idle = time.monotonic() - group.last_progress
         if idle > group.settings.consumer_stall_timeout_s:
             return 503, "application/json", b'{"detail": "no progress while lagging"}'

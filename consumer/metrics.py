@@ -30,3 +30,9 @@ DEAD_LETTERS_UNDELIVERABLE = Counter(
     "usage_metrics_dead_letters_undeliverable",
     "Dead letters the broker refused as too large in every form (logged with the source offset)",
 )
+PAUSED = Gauge(
+    "usage_metrics_consumer_paused",
+    "1 while ingestion waits and why (redis_oom: Redis refuses writes at maxmemory; the batch "
+    "is retried, nothing is committed)",
+    ["reason"],
+)

@@ -27,7 +27,13 @@ rebalance listener, ``finally: stop()``), with four additions that make "nothing
    dropped unprocessed (see ``GroupConsumer.on_assigned``).
 
 A consumer that stays alive but makes no progress while it has lag (aiokafka #1154) raises
-``ConsumerStalled`` after ``CONSUMER_STALL_TIMEOUT_S``, so that its supervisor restarts it.
+``ConsumerStalled`` after ``CONSUMER_STALL_TIMEOUT_S``, so that its supervisor restarts it. A
+consumer waiting for a full Redis (``consumer.pause``) is not stalled: a restart frees no memory,
+and it resumes by itself once Redis takes writes again.
+
+Before it joins the group, the consumer checks Redis's ``maxmemory-policy``
+(``sketches.eviction``): an evicting Redis is refused (``EvictionRefused``), and a Redis that
+does not answer yet is waited for.
 """
 
 from __future__ import annotations
@@ -47,9 +53,11 @@ from consumer.batch import Parsed, Record
 from consumer.dlq import DeadLetters
 from consumer.fetching import FetchOverBudget, InflateBudget, install, unreadable
 from consumer.kafka import make_dlq_producer, make_kafka_consumer
+from consumer.pause import Pause
 from consumer.writer import BatchWriter, Clock, utc_now
 from sketches.config import Settings
 from sketches.errors import StoreUnavailable, UsageMetricsError
+from sketches.eviction import check_policy
 from sketches.store import SketchStore
 
 log = logging.getLogger(__name__)
@@ -111,6 +119,8 @@ class GroupConsumer:
         self.max_records = settings.consumer_max_batch
         self.budget = InflateBudget(settings.consumer_max_fetch_inflated_bytes)
         self._fault = os.environ.get(FAULT_ENV)
+        # Why the writer is waiting, if it is (a full Redis): for /readyz and the watchdog.
+        self.pause = Pause()
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         """Position a new assignment at the store's offsets before any of it is processed.
@@ -201,14 +211,21 @@ class GroupConsumer:
         return out
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set. Raises ``EvictionRefused`` before joining the group if
+        Redis may evict keys (and ``REDIS_ALLOW_EVICTION`` is not set)."""
         settings = self.settings
+        policy = await check_policy(self.store.client, settings.redis_allow_eviction,
+                                    max_backoff=settings.redis_retry_max_backoff_s, stop=stop,
+                                    where=settings.redis_url_redacted())
+        if policy is None:
+            return  # asked to stop while waiting for Redis
         consumer = make_kafka_consumer(settings, settings.kafka_group_id)
         producer = make_dlq_producer(settings)
         self.consumer = consumer
         install(self.budget)
         writer = BatchWriter(
             settings, self.store, DeadLetters(producer, settings.kafka_dlq_topic),
-            self.clock,
+            self.clock, pause=self.pause,
         )
         await producer.start()
         try:
@@ -458,9 +475,14 @@ class GroupConsumer:
     def _give_up(self, stop: asyncio.Event) -> Callable[[], bool]:
         """What the writer asks between retries. While a write retries, the loop's own stall
         check cannot run, and a batch waiting for the store is lag: so past the stall timeout the
-        watchdog's verdict is given here (fault suite: the consumer without progress exits 3)."""
+        watchdog's verdict is given here (fault suite: the consumer without progress exits 3).
+        Not while Redis is full (``self.pause``): the consumer knows why it waits, and a restart
+        would not free memory, so that time counts as progress."""
 
         def check() -> bool:
+            if self.pause.reason is not None:
+                self.last_progress = time.monotonic()
+                return stop.is_set()
             idle = time.monotonic() - self.last_progress
             if idle > self.settings.consumer_stall_timeout_s:
                 raise ConsumerStalled(

@@ -19,6 +19,7 @@ from consumer import metrics
 from consumer.batch import Parsed, Prepared, Record, bucket, parse_records
 from consumer.dlq import DeadLetters
 from consumer.events import Rules
+from consumer.pause import Pause
 from consumer.settings_cache import SettingsCache
 from sketches.config import Settings
 from sketches.errors import CorruptSketch, StoreUnavailable
@@ -63,8 +64,11 @@ class BatchWriter:
         dead_letters: DeadLetters | None,
         clock: Clock = utc_now,
         only: Scope | None = None,
+        pause: Pause | None = None,
     ) -> None:
         self.settings = settings
+        # Why the writer waits (a full Redis), for readiness and the stall watchdog.
+        self.pause = pause if pause is not None else Pause()
         self.store = store
         self.dead_letters = dead_letters
         self.rules = rules_from(settings)
@@ -146,17 +150,19 @@ class BatchWriter:
         self, what: str, op: Callable[[], Awaitable[T]], should_stop: Callable[[], bool]
     ) -> T | _Stopped:
         """Run ``op`` until it succeeds, backing off from 0.1 s to ``REDIS_RETRY_MAX_BACKOFF_S``
-        and logging each failed attempt, while Redis or the broker is away; ``STOPPED`` when
-        asked to stop (or told by the watchdog to give up) between attempts."""
+        and logging each failed attempt, while Redis or the broker is away or Redis is full
+        (``StoreOutOfMemory``: ``self.pause`` says so until an attempt succeeds); ``STOPPED``
+        when asked to stop (or told by the watchdog to give up) between attempts."""
         backoff = 0.1
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await op()
+                result = await op()
             except (StoreUnavailable, KafkaError) as err:
                 if isinstance(err, StoreUnavailable):
                     metrics.REDIS_ERRORS.inc()
+                self.pause.failed(err)
                 if should_stop():
                     log.warning("stopping before %s succeeded: %s", what, err)
                     return STOPPED
@@ -165,3 +171,6 @@ class BatchWriter:
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.redis_retry_max_backoff_s)
+            else:
+                self.pause.resumed()
+                return result

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
 
     redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
     redis_cluster: bool = False
+    # Run even though Redis may evict keys (a maxmemory-policy other than noeviction): every
+    # process refuses to start otherwise (sketches.eviction). Answers may then show deleted data.
+    redis_allow_eviction: bool = False
     # Every Redis key starts with this; tests give each test its own so they share one server.
     redis_key_prefix: str = Field(default="um", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
 

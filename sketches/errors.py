@@ -16,6 +16,12 @@ class StoreUnavailable(UsageMetricsError):
     """Redis did not answer (refused, timed out, loading, read-only replica, cluster down)."""
 
 
+class StoreOutOfMemory(StoreUnavailable):
+    """Redis refused a write at ``maxmemory`` (``OOM command not allowed``, policy
+    ``noeviction``). Unavailable for writes, so every caller that waits for Redis waits for this
+    too; reads still work. Its own class so that readiness and metrics can say why."""
+
+
 class CorruptSketch(UsageMetricsError):
     """A key holds something that is not a sketch of this mode (wrong type or a damaged value)."""
 

@@ -81,7 +81,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from sketches.errors import CorruptSketch, StoreUnavailable
+from sketches.errors import CorruptSketch, StoreOutOfMemory, StoreUnavailable
 from sketches.keys import KeySpace, Scope
 from sketches.periods import ONE_DAY, Period, WeekStart, date_range, day_of
 from sketches.writes import (
@@ -124,6 +124,8 @@ class ScriptMissing(StoreUnavailable):
 
 
 def unavailable(err: rexc.RedisError) -> StoreUnavailable:
+    if isinstance(err, rexc.OutOfMemoryError):  # at maxmemory: the consumer says why it waits
+        return StoreOutOfMemory(f"{type(err).__name__}: {err}")
     return StoreUnavailable(f"{type(err).__name__}: {err}")
 
 
@@ -303,7 +305,14 @@ class SketchStore(abc.ABC):
     ) -> list[Any]:
         if self.cluster and after:
             return await self._add_on_cluster(commands, after)
-        return await run_pipeline(self.client, [*commands, *after])
+        # ``after`` (the offset records) only once every call has succeeded. In one pipeline, a
+        # call that Redis refuses (OOM: its own arguments push a nearly full Redis over
+        # maxmemory; NOSCRIPT) is followed by a small SET that still fits, and the record vouches
+        # for a batch the store does not hold: a consumer stopped before its retry resumes past
+        # it. Sent after the replies, the records still follow the writes in Redis's log.
+        results = await run_pipeline(self.client, commands)
+        await run_pipeline(self.client, after)
+        return results
 
     async def _load_write_script(self) -> None:
         try:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from sketches.config import Settings
+from sketches.eviction import EXIT_EVICTION_REFUSED, EvictionRefused
 from usage_metrics.logs import setup_logging
 from usage_metrics.progress import progress_bar
 
@@ -78,6 +79,17 @@ def _parse_when(text: str) -> datetime:
     return moment
 
 
+async def _check_policy(settings: Settings) -> None:
+    """Redis's eviction policy, before a command writes anything (``EvictionRefused``)."""
+    from sketches.connection import open_store
+    from sketches.eviction import check_policy
+
+    async with open_store(settings) as store:
+        await check_policy(store.client, settings.redis_allow_eviction,
+                           max_backoff=settings.redis_retry_max_backoff_s,
+                           where=settings.redis_url_redacted())
+
+
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.kafka import check_kafka_access
     from consumer.replay import ReplayStart, UnreadableRange, replay
@@ -90,6 +102,7 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
         start = ReplayStart("timestamp", timestamp=args.from_timestamp)
     else:
         start = ReplayStart("offsets", offsets=args.from_offsets)
+    await _check_policy(settings)
     try:
         with progress_bar(f"replay {settings.kafka_topic}") as report:
             async with open_store(settings) as store:
@@ -117,6 +130,7 @@ async def _rebuild(settings: Settings, org: str, workspace: str | None) -> int:
     await check_kafka_access(settings)
     scope = Scope(org, workspace) if workspace else org_scope(org)
     name = f"{org}/{workspace}" if workspace else f"org {org}"
+    await _check_policy(settings)
     async with open_store(settings) as store:
         deleted = await store.delete_workspace(scope)
         log.info("deleted %d keys of %s; replaying the retained topic", deleted, name)
@@ -207,30 +221,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"usage-metrics: refusing to start, invalid settings: {problems}\n")
         return EXIT_INVALID_SETTINGS
     setup_logging(settings)
-    if args.command in KAFKA_COMMANDS:
-        from consumer.kafka import KafkaAccessRefused
+    try:
+        if args.command in KAFKA_COMMANDS:
+            from consumer.kafka import KafkaAccessRefused
 
-        try:
-            return _kafka_command(settings, args)
-        except KafkaAccessRefused as err:
-            # One line, no traceback: retrying cannot help, the settings (or the broker's
-            # users and certificates) must change.
-            log.error("%s", err)
-            return EXIT_KAFKA_REFUSED
+            try:
+                return _kafka_command(settings, args)
+            except KafkaAccessRefused as err:
+                # One line, no traceback: retrying cannot help, the settings (or the broker's
+                # users and certificates) must change.
+                log.error("%s", err)
+                return EXIT_KAFKA_REFUSED
+        return _command(settings, args)
+    except EvictionRefused as err:
+        # Redis may evict keys: a configuration error, said in one line (sketches.eviction).
+        log.error("%s", err)
+        return EXIT_EVICTION_REFUSED
+
+
+def _command(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "api":
         import uvicorn
 
         from api.app import create_app
 
+        app = create_app(settings)
         server = uvicorn.Server(uvicorn.Config(
-            create_app(settings), host=args.host, port=args.port, log_config=None,
-            proxy_headers=False,
+            app, host=args.host, port=args.port, log_config=None, proxy_headers=False,
         ))
+        # A refusal found after start (Redis answered late) stops the server like a SIGTERM.
+        app.state.stop_server = lambda: setattr(server, "should_exit", True)
         # uvicorn re-raises the SIGTERM it handled once it has shut down gracefully, which would
         # make a clean stop look like a kill (exit -15) to a supervisor; this handler receives
         # that re-raised signal and turns it into exit 0.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        _run(server.serve())
+        try:
+            _run(server.serve())
+        except SystemExit:
+            # uvicorn exits 3 when the lifespan fails: ours has its own status.
+            if getattr(app.state, "eviction_refusal", None) is None:
+                raise
+        if getattr(app.state, "eviction_refusal", None) is not None:
+            return EXIT_EVICTION_REFUSED  # uvicorn logged the reason
         return 0
     if args.command == "token":
         return _token(settings, args)
