@@ -15,11 +15,16 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from sketches.config import Settings
+from sketches.errors import StoreMisconfigured
 from usage_metrics.logs import setup_logging
 from usage_metrics.progress import progress_bar
 
 log = logging.getLogger("usage_metrics")
 T = TypeVar("T")
+
+# Exit codes: 2 invalid settings (nothing started), 3 the consumer stalled (a supervisor restarts
+# it), 4 Redis refuses this process's TLS settings or credentials (a restart cannot help).
+EXIT_STORE_MISCONFIGURED = 4
 
 
 def _install_stop(stop: asyncio.Event) -> None:
@@ -31,11 +36,12 @@ def _install_stop(stop: asyncio.Event) -> None:
 async def _consume(settings: Settings) -> int:
     from consumer.health import serve_health
     from consumer.runner import ConsumerStalled, GroupConsumer
-    from sketches.connection import open_store
+    from sketches.connection import check_store, open_store
 
     stop = asyncio.Event()
     _install_stop(stop)
     async with open_store(settings) as store:
+        await check_store(store, settings)
         group = GroupConsumer(settings, store)
         health = None
         if settings.consumer_health_port is not None:
@@ -72,7 +78,7 @@ def _parse_when(text: str) -> datetime:
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.replay import ReplayStart, UnreadableRange, replay
-    from sketches.connection import open_store
+    from sketches.connection import check_store, open_store
 
     if args.from_beginning:
         start = ReplayStart("beginning")
@@ -83,6 +89,7 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     try:
         with progress_bar(f"replay {settings.kafka_topic}") as report:
             async with open_store(settings) as store:
+                await check_store(store, settings)
                 stats = await replay(settings, store, start, progress=report)
     except UnreadableRange as err:
         log.error("%s", err)
@@ -98,12 +105,13 @@ async def _rebuild(settings: Settings, org: str, workspace: str | None) -> int:
     """One workspace's sketches, or (without a workspace) the org's own, deleted and replayed
     from the retained topic: the other scopes are not touched."""
     from consumer.replay import ReplayStart, replay
-    from sketches.connection import open_store
+    from sketches.connection import check_store, open_store
     from sketches.keys import Scope, org_scope
 
     scope = Scope(org, workspace) if workspace else org_scope(org)
     name = f"{org}/{workspace}" if workspace else f"org {org}"
     async with open_store(settings) as store:
+        await check_store(store, settings)
         deleted = await store.delete_workspace(scope)
         log.info("deleted %d keys of %s; replaying the retained topic", deleted, name)
         with progress_bar(f"replay {settings.kafka_topic}") as report:
@@ -191,6 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"usage-metrics: refusing to start, invalid settings: {problems}\n")
         return 2
     setup_logging(settings)
+    try:
+        return _command(settings, args)
+    except StoreMisconfigured as err:
+        # One line, no traceback: the message names the problem and the redacted URL.
+        log.error("%s", err)
+        return EXIT_STORE_MISCONFIGURED
+
+
+def _command(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "consume":
         return _run(_consume(settings))
     if args.command == "api":
