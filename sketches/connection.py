@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 # itself, not subclasses: redis-py sends repr() of an int or float subclass (an IntEnum member
 # goes as "<E.A: 1>"), which hiredis refuses or formats otherwise.
 _C_TYPES = frozenset({bytes, str, int, float})
-_NAME_TYPES = (bytes, str)
 
 
 class HiredisPacking(AbstractConnection):
@@ -83,10 +82,10 @@ class HiredisPacking(AbstractConnection):
         if (
             self._pack_in_c
             and args
-            and type(args[0]) in _NAME_TYPES
             and set(map(type, args)) <= _C_TYPES  # one loop in C
         ):
-            # As redis-py does: a command name given as "CONFIG GET" is two arguments.
+            # As redis-py does: a command name given as "CONFIG GET" is two arguments (and a
+            # number as a name raises redis-py's own TypeError, below).
             first = args[0]
             try:
                 if isinstance(first, str):
@@ -96,6 +95,8 @@ class HiredisPacking(AbstractConnection):
                 # hiredis's stub types the argument as a 1-tuple; it takes any length.
                 return [hiredis.pack_command(cast(Any, args))]
             except Exception:  # noqa: BLE001 - redis-py packs it, or raises its own error
+                # hiredis 3.5 refuses nothing redis-py packs among these types, and raises
+                # redis-py's errors (a lone surrogate); another version may not.
                 pass
         return super().pack_command(*args)
 

@@ -43,7 +43,7 @@ def client_error(url: str, cluster: bool = False) -> str:
 @pytest.mark.parametrize(
     ("password", "shown"),
     [
-        ("ab#cd", "'#'"),
+        ("ab#cd", "holds a raw '#'"),
         ("ab/cd", "'@' after its host"),
         ("ab?cd", "'@' after its host"),
         ("12/34", "'@' after its host"),
@@ -184,6 +184,11 @@ def test_any_password_percent_encoded_is_accepted_and_read_back_exactly(password
     ("url", "cluster", "says"),
     [
         ("http://cache:6379/0", False, "must start with redis:// (TCP), rediss:// (TLS)"),
+        # redis-py would cut the password at the '#' (a fragment) and go on with "ab".
+        ("redis://cache:6379/0?password=ab#cd", False, "holds a raw '#'"),
+        # urllib drops tabs and line breaks silently: the password would lose them.
+        ("redis://app:ab\ncd@cache:6379/0", False, "holds a control character"),
+        ("redis://app:ab\tcd@cache:6379/0", False, "holds a control character"),
         ("rediss://cache:6379/0?ssl_ca_cert=/ca.pem", False,
          "redis-py's connection does not take 'ssl_ca_cert'"),
         ("redis://cache:6379/0?ssl_ca_certs=/ca.pem", False,
