@@ -14,12 +14,14 @@ import ssl
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
-from urllib.parse import unquote_plus, urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sketches.keys import KeySpace
+from sketches.redis_url import redact_url, url_problem
+
+__all__ = ["MIN_JWT_SECRET_BYTES", "Settings", "SketchMode", "redact_url"]
 
 SketchMode = Literal["hll", "exact"]
 MIN_JWT_SECRET_BYTES = 32
@@ -51,11 +53,14 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: Path | None = None
     kafka_ssl_key_password: SecretStr | None = None
 
-    redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+    # Before REDIS_URL, whose check depends on it (a cluster takes other URL parameters).
     redis_cluster: bool = False
     # Run even though Redis may evict keys (a maxmemory-policy other than noeviction): every
     # process refuses to start otherwise (sketches.eviction). Answers may then show deleted data.
     redis_allow_eviction: bool = False
+    # redis://, rediss:// (TLS, with redis-py's ssl_* query parameters) or unix://; checked at
+    # start-up (sketches.redis_url), so that a URL redis-py would misread never runs.
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
     # Every Redis key starts with this; tests give each test its own so they share one server.
     redis_key_prefix: str = Field(default="um", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
 
@@ -154,6 +159,15 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(problems))
         return self
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_usable(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        # The message quotes nothing of the URL but redis-py's parameter names.
+        problem = url_problem(value.get_secret_value(), bool(info.data.get("redis_cluster")))
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
     @cached_property
     def keyspace(self) -> KeySpace:
         return KeySpace(self.redis_key_prefix, self.sketch_mode)
@@ -242,35 +256,3 @@ def _tls_material_problems(settings: Settings) -> list[str]:
                 "KAFKA_SSL_KEY_PASSWORD"
             )
     return problems
-
-
-# Query parameters that redis-py reads credentials from (``redis://h/0?password=...``).
-SECRET_QUERY_KEYS = frozenset({"password", "pass", "pwd", "secret", "token"})
-
-
-def redact_url(url: str) -> str:
-    """``url`` with every credential replaced by ``***``, whatever the form: a password in the
-    user info (``redis://:pw@h``, ``redis://user:pw@h``), user info alone (``redis://pw@h``,
-    which some clients read as a password), or a query parameter (``?password=pw``). The host is
-    kept as written (an IPv6 address keeps its brackets); an unparsable URL is hidden whole."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
-    query = "&".join(
-        f"{name}=***" if unquote_plus(name).strip().lower() in SECRET_QUERY_KEYS
-        else f"{name}{sep}{value}"
-        for name, sep, value in (pair.partition("=") for pair in parts.query.split("&") if pair)
-    )
-    # Rebuilt by hand: urlunsplit would drop the '//' of an empty netloc (unix:///path).
-    out = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else f"{netloc}{parts.path}"
-    if query:
-        out += f"?{query}"
-    if parts.fragment:
-        out += f"#{parts.fragment}"
-    return out

@@ -41,3 +41,9 @@ class BadMessage(UsageMetricsError):
 
 class QueryBusy(UsageMetricsError):
     """This process already runs as many heavy recomputes as it may: try again shortly."""
+
+
+class StoreMisconfigured(UsageMetricsError):
+    """Redis cannot be used as configured, and retrying will not change that: ``REDIS_URL`` is
+    unusable, the server's TLS certificate is not trusted, or it refuses the credentials. The
+    message says which, and never holds a secret."""

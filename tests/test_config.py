@@ -19,8 +19,12 @@ from sketches.config import Settings, redact_url
         ("redis://app:s3cret@cache:6379/0", "redis://app:***@cache:6379/0"),
         ("rediss://app:s3cret@cache/0", "rediss://app:***@cache/0"),
         ("redis://cache:6379/0?password=s3cret", "redis://cache:6379/0?password=***"),
-        ("redis://cache/0?db=1&PassWord=s3cret&ssl_cert_reqs=none",
-         "redis://cache/0?db=1&PassWord=***&ssl_cert_reqs=none"),
+        # What follows a secret in the query is hidden too: a raw '&' in the secret would make
+        # its tail look like parameters (tests/test_redis_url.py).
+        ("rediss://cache/0?db=1&password=s3cret&ssl_cert_reqs=none",
+         "rediss://cache/0?db=1&password=***&***"),
+        ("rediss://cache/0?ssl_cert_reqs=none&ssl_password=s3cret",
+         "rediss://cache/0?ssl_cert_reqs=none&ssl_password=***"),
         ("redis://cache/0?pass%77ord=s3cret", "redis://cache/0?pass%77ord=***"),
         ("unix:///run/redis.sock?db=0&password=s3cret", "unix:///run/redis.sock?db=0&password=***"),
         ("redis://s3cret@cache:6379/0", "redis://***@cache:6379/0"),

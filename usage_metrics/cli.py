@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from sketches.config import Settings
+from sketches.errors import StoreMisconfigured
 from sketches.eviction import EXIT_EVICTION_REFUSED, EvictionRefused
 from usage_metrics.logs import setup_logging
 from usage_metrics.progress import progress_bar
@@ -25,7 +26,8 @@ T = TypeVar("T")
 # Exit codes a supervisor can act on (README, Commands).
 EXIT_INVALID_SETTINGS = 2
 EXIT_STALLED = 3
-EXIT_KAFKA_REFUSED = 4
+# Kafka or Redis refuses this process's TLS settings or credentials: a restart cannot help.
+EXIT_ACCESS_REFUSED = 4
 KAFKA_COMMANDS = frozenset({"consume", "replay", "rebuild", "demo"})
 
 
@@ -39,12 +41,13 @@ async def _consume(settings: Settings) -> int:
     from consumer.health import serve_health
     from consumer.kafka import check_kafka_access
     from consumer.runner import ConsumerStalled, GroupConsumer
-    from sketches.connection import open_store
+    from sketches.connection import check_store, open_store
 
     await check_kafka_access(settings)
     stop = asyncio.Event()
     _install_stop(stop)
     async with open_store(settings) as store:
+        await check_store(store, settings)
         group = GroupConsumer(settings, store)
         health = None
         if settings.consumer_health_port is not None:
@@ -93,7 +96,7 @@ async def _check_policy(settings: Settings) -> None:
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.kafka import check_kafka_access
     from consumer.replay import ReplayStart, UnreadableRange, replay
-    from sketches.connection import open_store
+    from sketches.connection import check_store, open_store
 
     await check_kafka_access(settings)
     if args.from_beginning:
@@ -106,6 +109,7 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     try:
         with progress_bar(f"replay {settings.kafka_topic}") as report:
             async with open_store(settings) as store:
+                await check_store(store, settings)
                 stats = await replay(settings, store, start, progress=report)
     except UnreadableRange as err:
         log.error("%s", err)
@@ -122,7 +126,7 @@ async def _rebuild(settings: Settings, org: str, workspace: str | None) -> int:
     from the retained topic: the other scopes are not touched."""
     from consumer.kafka import check_kafka_access
     from consumer.replay import ReplayStart, replay
-    from sketches.connection import open_store
+    from sketches.connection import check_store, open_store
     from sketches.keys import Scope, org_scope
 
     # Before anything is deleted: a rebuild that cannot read the topic must leave the old
@@ -132,6 +136,7 @@ async def _rebuild(settings: Settings, org: str, workspace: str | None) -> int:
     name = f"{org}/{workspace}" if workspace else f"org {org}"
     await _check_policy(settings)
     async with open_store(settings) as store:
+        await check_store(store, settings)
         deleted = await store.delete_workspace(scope)
         log.info("deleted %d keys of %s; replaying the retained topic", deleted, name)
         with progress_bar(f"replay {settings.kafka_topic}") as report:
@@ -231,8 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # One line, no traceback: retrying cannot help, the settings (or the broker's
                 # users and certificates) must change.
                 log.error("%s", err)
-                return EXIT_KAFKA_REFUSED
+                return EXIT_ACCESS_REFUSED
         return _command(settings, args)
+    except StoreMisconfigured as err:
+        # One line, no traceback: the message names the problem and the redacted URL.
+        log.error("%s", err)
+        return EXIT_ACCESS_REFUSED
     except EvictionRefused as err:
         # Redis may evict keys: a configuration error, said in one line (sketches.eviction).
         log.error("%s", err)

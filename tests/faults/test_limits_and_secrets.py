@@ -164,8 +164,9 @@ async def test_secrets_never_appear_in_consumer_or_api_logs(
         async with open_store(settings) as store:
             await wait_applied(store, settings.kafka_topic, ends, timeout=60)
 
-        # A consumer given a wrong password logs its failures, not the password it tried; here
-        # in the query-string form redis-py also reads (issue 11: it was logged as it was).
+        # A consumer given a wrong password says so and exits 4 (a restart cannot mend it),
+        # without the password it tried; here in the query-string form redis-py also reads
+        # (issue 11: it was logged as it was).
         wrong = "wrong-pw-" + unique("z")
         misconfigured = procs.consumer(
             settings, "wrong-password", LOG_LEVEL="DEBUG",
@@ -174,11 +175,11 @@ async def test_secrets_never_appear_in_consumer_or_api_logs(
         )
 
         async def complained() -> bool:
-            return "store unavailable" in misconfigured.output(0) or \
-                "cannot read stored offsets" in misconfigured.output(0)
+            return "Redis refused REDIS_URL's user name or password" in misconfigured.output(0)
 
         await wait_until(complained, "the misconfigured consumer to report", 60, 0.2,
                          misconfigured.output)
+        assert misconfigured.proc.wait(30) == 4, misconfigured.output()
 
         api, base = procs.api(settings, LOG_LEVEL="DEBUG")
         good = token(settings, "alice")

@@ -60,11 +60,19 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def listen_args(self) -> list[str]:
+        """Where it listens: plain TCP on ``port`` (``tests.support.managed_redis`` has TLS-only
+        and socket-only servers)."""
+        return ["--port", str(self.port), "--bind", "127.0.0.1"]
+
+    def admin_client(self, timeout: float = 0.2) -> redis.Redis:
+        """A synchronous client that can run any command: the readiness probe, and set-up."""
+        return redis.Redis(port=self.port, socket_connect_timeout=timeout)
+
     def start(self) -> RedisServer:
         args = [
             redis_server_bin(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
+            *self.listen_args(),
             "--dir", str(self.directory),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
@@ -74,7 +82,7 @@ class RedisServer:
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = self.admin_client()
         try:
             while True:
                 try:
