@@ -16,7 +16,7 @@ from starlette.types import Scope as AsgiScope
 from api.app import create_app
 from api.auth import issue_token
 from api.bodylimit import MAX_BODY_BYTES
-from api.ratelimit import CostModel
+from api.ratelimit import CostModel, TokenBuckets, retry_after
 from sketches import scope_settings as wss
 from sketches.config import Settings
 from sketches.keys import Scope
@@ -57,15 +57,54 @@ def test_the_cost_model_in_units_of_a_30_day_calendar_query() -> None:
     assert cost("period_length=730&window=rolling") == long
     assert cost("period_length=730&window=rolling&metrics=dau,mau") == long
     assert cost("period_length=0") == 1.0  # never less than one request
-    assert cost("period_length=99999999999&window=rolling") == cost(
-        "period_length=365&window=rolling")  # invalid: the route answers 422
+    # Over the maximum (the route answers 422): charged the most a query costs, whatever the
+    # number of digits.
+    for over in ("731", "1000", "9999999", "99999999", "99999999999", "9" * 4000):
+        assert cost(f"period_length={over}") == long, over
+    # What the route refuses as no number at all is charged the default period, and never
+    # fails: `²` is a digit to str.isdigit and not to int().
+    for invalid in ("²", "%C2%B2", "٣", "１２", "abc", "-1", "", "1e3", "nan", "730.5", "9" * 5000):
+        assert cost(f"period_length={invalid}") == cost(""), invalid
+    # Spellings the route reads as 730 are charged 730 days, and a repeated parameter counts
+    # by its last value, as the route reads it.
+    for same in ("%20730", "+730", "7_30", "730.0", "0730", "%09730%0A"):
+        assert cost(f"period_length={same}") == long, same
+    assert cost("period%5Flength=730") == long
+    assert cost("period_length=5&period_length=730") == long
+    assert cost("period_length=730&period_length=5") == 1.0
     assert model.cost(scope("/api/v2/org/acme/workspace/ws-1/settings")) == 1.0
+    assert model.cost({"type": "http", "path": USAGE}) == cost("")  # no query string at all
+
+
+def test_a_request_dearer_than_the_burst_takes_a_full_bucket_and_passes_again_later() -> None:
+    """A cost above the burst is capped at the burst: without the cap such a request could
+    never pass, however long its caller waited."""
+    now = [0.0]
+    buckets = TokenBuckets(per_minute=60, burst=3, clock=lambda: now[0])
+    assert buckets.take("a", cost=10) == 0.0  # a full bucket is enough
+    assert buckets.take("a", cost=10) == pytest.approx(3.0)  # it needs the whole burst again
+    now[0] += 3.0
+    assert buckets.take("a", cost=10) == 0.0
+
+
+def test_retry_after_counts_only_the_tokens_still_missing() -> None:
+    now = [0.0]
+    buckets = TokenBuckets(per_minute=60, burst=3, clock=lambda: now[0])  # one token a second
+    assert buckets.take("a", cost=3) == 0.0
+    now[0] += 0.5
+    assert buckets.take("a", cost=1) == pytest.approx(0.5)  # half a token there, half missing
+    now[0] += 1.5
+    assert buckets.take("a", cost=3) == pytest.approx(1.0)  # two of three there
+    assert retry_after(buckets.take("a", cost=2.5)) == 1
 
 
 @pytest.fixture
 async def client(settings: Settings, store: SketchStore) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings.model_copy(update={"rate_limit_per_minute": 600,
                                                  "rate_limit_burst": 60}), store)
+    # The buckets' clock stands still: what a test takes is not refilled while it runs, however
+    # slowly a loaded machine serves its requests (10 tokens a second at 600 a minute).
+    app.state.rate_limits.clock = lambda: 0.0
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="http://t") as c:
         yield c
