@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     # Clock skew allowed on exp/nbf/iat, in seconds.
     jwt_leeway_seconds: int = Field(default=30, ge=0, le=600)
+    # The longest lifetime a token may have (exp - iat, or exp - now without iat): a token that
+    # leaks is refused after this long at most, whatever exp its issuer wrote (api.auth).
+    jwt_max_lifetime_seconds: int = Field(default=86_400, ge=60)
 
     # Consumer tuning. A batch is one getmany() call: one Redis pipeline and one commit.
     consumer_max_batch: int = Field(default=100_000, ge=1)
