@@ -56,6 +56,11 @@ class RawPathIds:
         await self.app(scope, receive, send)
 
 
+async def _close_server(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()
+
+
 def _detail(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -97,6 +102,10 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
                 app.state.store = await stack.enter_async_context(open_store(settings))
             else:
                 app.state.store = store
+            if settings.api_metrics_port is not None:
+                app.state.metrics_server = await observability.serve_metrics(
+                    app.state.api_metrics, settings.api_metrics_host, settings.api_metrics_port)
+                stack.push_async_callback(_close_server, app.state.metrics_server)
             yield
             answers = getattr(app.state, "answers", None)
             if answers is not None:
@@ -130,10 +139,12 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
     @app.exception_handler(StoreUnavailable)
     async def _unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
         log.warning("store unavailable: %s", exc)
+        observability.mark_refusal(request.scope, observability.STORE_UNAVAILABLE)
         return _detail(503, "store unavailable, try again shortly", {"Retry-After": "5"})
 
     @app.exception_handler(QueryBusy)
     async def _busy(request: Request, exc: QueryBusy) -> JSONResponse:
+        observability.mark_refusal(request.scope, observability.BUSY)
         return _detail(503, f"{exc}: retry in {BUSY_RETRY_AFTER_S} s",
                        {"Retry-After": str(BUSY_RETRY_AFTER_S)})
 
@@ -163,6 +174,7 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
             await request.app.state.store.ping()
         except StoreUnavailable as err:
             log.warning("readiness check failed: %s", err)
+            observability.mark_refusal(request.scope, observability.STORE_UNAVAILABLE)
             return _detail(503, "store unavailable")
         return {"status": "ready"}
 
@@ -171,7 +183,7 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
     app.include_router(dashboard.router)
     docs.install(app, settings.api_docs)
     api_metrics = observability.ApiMetrics()
-    app.add_api_route("/metrics", api_metrics.endpoint, include_in_schema=False)
+    app.state.api_metrics = api_metrics  # served by the lifespan's own listener, not here
     # Innermost: only requests the rate limiter let through have their body read.
     app.add_middleware(BodyLimitMiddleware, verifier=app.state.verifier)
     document_413(app)

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     # at once (503 + Retry-After beyond); 0 turns the gate off.
     api_max_expensive_queries: int = Field(default=4, ge=0)
 
+    # Prometheus /metrics of the API on a listener of its own (api.observability), never on the
+    # API's port; bound to API_METRICS_HOST. Unset: not served. 0: any free port (tests).
+    api_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    api_metrics_host: str = "127.0.0.1"
+
     # Swagger UI at /docs, served from the fastapi-offline package (api.docs), never a CDN.
     api_docs: bool = True
 
