@@ -185,7 +185,7 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
     api_metrics = observability.ApiMetrics()
     app.state.api_metrics = api_metrics  # served by the lifespan's own listener, not here
     # Innermost: only requests the rate limiter let through have their body read.
-    app.add_middleware(BodyLimitMiddleware, verifier=app.state.verifier)
+    app.add_middleware(BodyLimitMiddleware)
     document_413(app)
     _document_409(app)
     # Inside the observability middleware, so that a 429 gets a request id and is counted.

@@ -206,6 +206,53 @@ async def test_a_settings_body_over_64_kib_is_refused_before_it_is_read(
     assert {"409", "413"} <= set(put["responses"])
 
 
+@pytest.mark.parametrize("path", [SETTINGS.format(ws="ws-1"), "/api/v2/org/acme/settings"])
+async def test_the_permission_decides_before_the_size_of_a_body(
+    client: httpx.AsyncClient, settings: Settings, path: str
+) -> None:
+    """A caller that may not write gets 403 whatever it sends, never a 413 that would tell it
+    the body was read; only a caller that may write learns that its body is too large."""
+    big = b'{"timezone": "UTC", "junk": "' + b"x" * (2 * MAX_BODY_BYTES) + b'"}'
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for i in range(0, len(big), 8192):
+            yield big[i : i + 8192]
+
+    may_not_write = [auth(settings, role="basic"), auth(settings, role="controller"),
+                     {"Authorization": auth(settings, role="admin")["Authorization"].replace(
+                         "Bearer ", "Bearer x")}]  # the last one does not verify: 401
+    for headers, status in zip(may_not_write, (403, 403, 401), strict=True):
+        for method in ("PUT", "PATCH"):
+            declared = await client.request(method, path, content=big, headers=headers)
+            assert declared.status_code == status, (method, declared.text)
+            streamed = await client.request(method, path, content=chunked(), headers=headers)
+            assert streamed.status_code == status, (method, streamed.text)
+    other_org = auth(settings)  # an admin of acme...
+    elsewhere = path.replace("/org/acme/", "/org/globex/")  # ...writing globex's settings
+    assert (await client.put(elsewhere, content=big, headers=other_org)).status_code == 403
+    assert (await client.put(path, content=big, headers=auth(settings))).status_code == 413
+
+
+async def test_a_streamed_body_is_read_no_further_than_the_cap(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    chunk = 8192
+    pulled = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        for _ in range(10_000):  # 80 MiB if it were all read
+            pulled += 1
+            yield b" " * chunk
+
+    refused = await client.put(SETTINGS.format(ws="ws-1"), content=endless(),
+                               headers=auth(settings))
+    assert refused.status_code == 413
+    assert refused.headers["Connection"] == "close"
+    assert "64" in refused.json()["detail"] or str(MAX_BODY_BYTES) in refused.json()["detail"]
+    assert pulled <= MAX_BODY_BYTES // chunk + 2, pulled
+
+
 @pytest.fixture
 async def unlimited(settings: Settings, store: SketchStore) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings.model_copy(update={"rate_limit_per_minute": 0}), store)
@@ -238,9 +285,25 @@ async def test_settings_of_workspaces_without_data_are_bounded_per_org(
     await store.client.set(store.keys.version(Scope("acme", "new-3")), "v")
     assert (await client.put(SETTINGS.format(ws="one-too-many"), json=body,
                              headers=auth(settings))).status_code == 200
+    # A patch that changes nothing stores nothing, so it takes no slot (else a no-op PATCH
+    # could fill them): the bound is still full, and it still answers the settings in force.
+    for noop in ({}, {"timezone": None}, {"week_start": "monday"}, {"excluded_subjects": []}):
+        resp = await client.patch(SETTINGS.format(ws="never-set"), json=noop,
+                                  headers=auth(settings))
+        assert resp.status_code == 200, (noop, resp.text)
+        assert resp.json()["week_start"] == "monday"
+    refused = await client.patch(SETTINGS.format(ws="never-set"), json={"week_start": "sunday"},
+                                 headers=auth(settings))
+    assert refused.status_code == 409  # a real change is counted, and the bound is full
     # Another org has its own bound.
     await wss.save(store.client, store.keys, Scope("globex", "w"),
                    WorkspaceSettings(timezone="UTC"))
+    assert await store.client.scard(store.keys.settings_without_data("globex")) == 1
+    noop = await client.patch(SETTINGS.format(ws="w2").replace("acme", "globex"),
+                              json={"timezone": None},
+                              headers={"Authorization": auth(settings, role="superadmin")[
+                                  "Authorization"]})
+    assert noop.status_code == 200, noop.text
     assert await store.client.scard(store.keys.settings_without_data("globex")) == 1
     assert await store.client.scard(store.keys.settings_without_data("acme")) == (
         MAX_SETTINGS_WITHOUT_DATA)
