@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -130,58 +130,124 @@ async def test_long_queries_take_more_of_their_callers_burst_and_only_theirs(
     assert codes == [200] * 60
 
 
-async def test_heavy_recomputes_beyond_the_process_bound_get_503_at_once(
-    settings: Settings, store: SketchStore,
-) -> None:
-    """Heavy recomputes (first answers after a backfill) held in flight on the real store: the
-    next heavy one is refused with 503 at once; a light one (a live day) is not held back."""
+class HeldRecomputes:
+    """The store's rolling read held on an event, on the real store: a heavy recompute that got
+    its slot stays in it until ``release`` is set."""
+
+    def __init__(self, store: SketchStore) -> None:
+        self.release = asyncio.Event()
+        self.inside: list[str] = []
+        self.entered = asyncio.Event()
+        self.real = store.rolling_and_daily
+        store.rolling_and_daily = self  # type: ignore[method-assign]
+
+    async def __call__(self, scope: Scope, *args: Any, **kwargs: Any) -> Any:
+        self.inside.append(scope.org_id)
+        self.entered.set()
+        await self.release.wait()
+        return await self.real(scope, *args, **kwargs)
+
+    async def wait_inside(self, n: int) -> None:
+        while len(self.inside) < n:
+            self.entered.clear()
+            await asyncio.wait_for(self.entered.wait(), 10)
+
+
+async def until(done: Callable[[], bool]) -> None:
+    """Yield to the loop until ``done()``: counted in turns of the loop, never in seconds."""
+    for _ in range(100_000):
+        if done():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the awaited state never came")
+
+
+async def seed_history(store: SketchStore, *scopes: Scope) -> None:
+    """Two years of weekly logins: the first 730-day rolling answer of each is heavy."""
     from datetime import timedelta
 
-    from sketches.keys import Scope
     from sketches.periods import periods_holding, utc_today
 
     today = utc_today()
-    for i in range(4):
-        ws = Scope("acme", f"ws-{i}")
+    for ws in scopes:
         await store.add({(ws, p): {"a", "b"} for d in range(0, 400, 7)
                          for p in periods_holding(today - timedelta(days=d))})
-    release = asyncio.Event()
-    inside = 0
-    reached = asyncio.Event()
-    real = store.rolling_and_daily
 
-    async def held(*args: Any, **kwargs: Any) -> Any:
-        nonlocal inside
-        inside += 1
-        if inside == 2:
-            reached.set()
-        await release.wait()
-        return await real(*args, **kwargs)
 
-    app = create_app(settings.model_copy(update={"rate_limit_per_minute": 0,
-                                                 "api_max_expensive_queries": 2}), store)
-    rolling = {"period_length": 730, "window": "rolling"}
+def heavy_app(settings: Settings, store: SketchStore, **limits: Any) -> Any:
+    return create_app(settings.model_copy(update={"rate_limit_per_minute": 0, **limits}), store)
+
+
+ROLLING = {"period_length": 730, "window": "rolling"}
+
+
+def url(org: str, ws: str) -> str:
+    return f"/api/v2/org/{org}/workspace/{ws}/metrics/usage"
+
+
+async def test_heavy_recomputes_share_the_process_slots_fairly_between_orgs(
+    settings: Settings, store: SketchStore,
+) -> None:
+    """One org holds at most its share of the heavy-recompute slots: its next heavy request
+    waits (briefly) and is refused with 503, while another org's is served at once and a light
+    request of the same org is never held back. The 503 counts as busy, not as a Redis error."""
+    from sketches.periods import periods_holding, utc_today
+
+    await seed_history(store, Scope("acme", "ws-0"), Scope("acme", "ws-1"),
+                       Scope("acme", "ws-3"), Scope("globex", "ws-0"))
+    app = heavy_app(settings, store, api_max_expensive_queries=2, api_max_expensive_per_org=1,
+                    api_expensive_wait_s=0.05)
     dau = {"period_length": 30, "metrics": "dau"}
+    globex = {"Authorization": auth(settings, role="superadmin")["Authorization"]}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="http://t", headers=auth(settings)) as c:
-        def url(i: int) -> str:
-            return f"/api/v2/org/acme/workspace/ws-{i}/metrics/usage"
-
-        assert (await c.get(url(3), params=dau)).status_code == 200  # its DAU column stored
-        await store.add({(Scope("acme", "ws-3"), p): {"new"} for p in periods_holding(today)})
-        store.rolling_and_daily = held  # type: ignore[method-assign]
-        first = [asyncio.create_task(c.get(url(i), params=rolling)) for i in range(2)]
-        await asyncio.wait_for(reached.wait(), 10)
-        refused = await c.get(url(2), params=rolling)
+        assert (await c.get(url("acme", "ws-3"), params=dau)).status_code == 200  # DAU stored
+        await store.add({(Scope("acme", "ws-3"), p): {"new"} for p in periods_holding(
+            utc_today())})
+        held = HeldRecomputes(store)
+        first = asyncio.create_task(c.get(url("acme", "ws-0"), params=ROLLING))
+        await held.wait_inside(1)
+        refused = await c.get(url("acme", "ws-1"), params=ROLLING)  # acme's share is taken
         assert refused.status_code == 503, refused.text
         assert refused.headers["Retry-After"] == "1"
         assert "heavy" in refused.json()["detail"]
-        light = await c.get(url(3), params=dau)  # one new login: one DAU entry to recompute
+        other = asyncio.create_task(c.get(url("globex", "ws-0"), params=ROLLING, headers=globex))
+        await held.wait_inside(2)  # the other org got the slot acme may not have
+        assert held.inside == ["acme", "globex"]
+        light = await c.get(url("acme", "ws-3"), params=dau)  # one new login: one DAU entry
         assert light.status_code == 200, light.text
-        release.set()
-        assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]
-        assert app.state.answers.heavy == 0
-        assert (await c.get(url(2), params=rolling)).status_code == 200
+        held.release.set()
+        assert [r.status_code for r in await asyncio.gather(first, other)] == [200, 200]
+        assert app.state.answers.admission.in_use == 0
+        assert (await c.get(url("acme", "ws-1"), params=ROLLING)).status_code == 200
+    text = app.state.api_metrics.exposition().decode()
+    route = 'route="/api/v2/org/{org_id}/workspace/{workspace_id}/metrics/usage"'
+    assert f"usage_metrics_api_busy_total{{{route}}} 1.0" in text
+    assert "usage_metrics_api_redis_errors_total{" not in text
+
+
+async def test_a_heavy_recompute_waits_for_a_slot_instead_of_an_immediate_503(
+    settings: Settings, store: SketchStore,
+) -> None:
+    """A dashboard opening many workspaces after a backfill: heavy requests beyond the slots
+    wait, and each is served as a slot frees, none refused."""
+    scopes = [Scope("acme", f"ws-{i}") for i in range(6)]
+    await seed_history(store, *scopes)
+    app = heavy_app(settings, store, api_max_expensive_queries=2, api_max_expensive_per_org=2,
+                    api_expensive_wait_s=60)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t", headers=auth(settings)) as c:
+        held = HeldRecomputes(store)
+        tasks = [asyncio.create_task(c.get(url("acme", ws.workspace_id), params=ROLLING))
+                 for ws in scopes]
+        await held.wait_inside(2)
+        admission = app.state.answers.admission
+        await until(lambda: admission.waiting("acme") == 4)
+        assert admission.in_use == 2
+        held.release.set()
+        assert [r.status_code for r in await asyncio.gather(*tasks)] == [200] * 6
+        assert admission.in_use == 0
+        assert admission.waiting() == 0
 
 
 async def test_a_settings_body_over_64_kib_is_refused_before_it_is_read(
