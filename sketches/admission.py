@@ -153,8 +153,8 @@ class Admission:
             return
         self._forget(waiter)
         waiter.future.set_exception(QueryBusy(
-            f"no slot for a heavy recompute within {self.wait_s:g} s ({self.slots} per process, "
-            f"{self.per_org} per org)"
+            f"heavy recomputes: no slot free within {self.wait_s:g} s ({self.slots} at once per "
+            f"process, {self.per_org} per org)"
         ))
 
     async def _acquire(self, org_id: str) -> None:
@@ -163,12 +163,12 @@ class Admission:
             return
         if self.wait_s <= 0:
             raise QueryBusy(
-                f"no free slot for a heavy recompute ({self.slots} per process, {self.per_org} "
-                "per org)"
+                f"heavy recomputes: no slot free ({self.slots} at once per process, "
+                f"{self.per_org} per org)"
             )
         if self.waiting(org_id) >= self.queue_per_org:
             raise QueryBusy(
-                f"{self.waiting(org_id)} heavy recomputes of this org already wait for a slot"
+                f"heavy recomputes: {self.waiting(org_id)} of this org already wait for a slot"
             )
         loop = asyncio.get_running_loop()
         waiter = _Waiter(org_id, loop.create_future())

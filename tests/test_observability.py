@@ -62,10 +62,12 @@ async def running(
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The application with its lifespan, its metrics listener on a free loopback port."""
     app = create_app(settings.model_copy(update={"api_metrics_port": 0}), store)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, **transport),
-                                     base_url="http://api") as c:
-            yield c
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app, **transport),
+                          base_url="http://api") as c,
+    ):
+        yield c
 
 
 def metrics_address(client: httpx.AsyncClient) -> tuple[str, int]:
@@ -171,7 +173,7 @@ async def test_metrics_are_served_on_their_own_listener_never_on_the_api_port(
         assert head.status_code == 200
         assert head.content == b""
     # A client that opens the port and sends nothing gets nothing, and breaks nothing.
-    reader, writer = await asyncio.open_connection(host, port)
+    _, writer = await asyncio.open_connection(host, port)
     writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no end of the head
     await writer.drain()
     writer.close()
