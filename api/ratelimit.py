@@ -40,9 +40,9 @@ runs before the charge that could raise.
 **Bounded per process.** A token bucket bounds each caller's rate, not what all callers together
 run at once. What is expensive now is not a shape of request but a *recompute*: the first
 answer after a backfill or a rebuild reads every day's sketch (tens of megabytes for a large
-workspace). ``sketches.results.Answers`` lets at most ``API_MAX_EXPENSIVE_QUERIES`` such heavy
-recomputes (more than ``HEAVY_READS`` sketch reads) run at once per process; the next is
-answered ``503`` with ``Retry-After`` at once: nothing queues.
+workspace). ``sketches.admission`` lets at most ``API_MAX_EXPENSIVE_QUERIES`` such heavy
+recomputes (more than ``HEAVY_READS`` sketch reads) run at once per process, shared fairly
+between orgs, with a short bounded wait for a slot before a ``503`` with ``Retry-After``.
 """
 
 from __future__ import annotations
