@@ -84,6 +84,12 @@ class Admission:
     def held(self, org_id: str) -> int:
         return self._held[org_id]
 
+    @property
+    def orgs(self) -> int:
+        """Orgs this admission keeps state for: those holding or awaiting a slot, no others, so
+        that its memory follows the load, not every org ever seen."""
+        return len(self._held.keys() | self._queues.keys())
+
     def waiting(self, org_id: str | None = None) -> int:
         if org_id is None:
             return sum(len(q) for q in self._queues.values())

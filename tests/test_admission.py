@@ -88,10 +88,12 @@ async def test_one_org_holds_at_most_its_share_and_another_org_gets_the_rest() -
     await asyncio.gather(*(o.entered.wait() for o in others))  # no wait at all
     assert admission.in_use == 4
     assert log == ["flood", "flood", "b", "c"]
+    assert admission.orgs == 3
     for h in [*flood, *others]:
         await h.finish()
     assert admission.in_use == 0
     assert admission.waiting() == 0
+    assert admission.orgs == 0  # nothing kept of orgs that neither hold nor wait
 
 
 async def test_a_freed_slot_goes_to_the_org_holding_fewest_then_orgs_in_turn() -> None:
@@ -144,6 +146,7 @@ async def test_the_wait_is_bounded_and_then_it_is_busy() -> None:
         async with admission.slot("b", HEAVY):
             pytest.fail("no slot was free")
     assert admission.waiting() == 0  # the expired waiter is gone
+    assert admission.orgs == 1
     await holder.finish()
     async with admission.slot("b", HEAVY):  # and the slot serves the next one
         assert admission.in_use == 1
@@ -154,9 +157,10 @@ async def test_no_wait_refuses_at_once() -> None:
     log: list[str] = []
     holder = Holder(admission, "a", log)
     await holder.entered.wait()
-    with pytest.raises(QueryBusy, match="heavy recomputes: no slot free"):
+    with pytest.raises(QueryBusy, match=r"heavy recomputes: no slot free \(1 at once"):
         async with admission.slot("b", HEAVY):
             pytest.fail("no slot was free")
+    assert admission.waiting() == 0  # it never queued
     await holder.finish()
 
 
@@ -182,6 +186,7 @@ async def test_a_flood_beyond_the_queue_is_refused_at_once_and_another_org_is_se
         await h.finish()
     assert log == ["flood", "flood", "b", "flood", "flood"]
     assert admission.in_use == 0
+    assert admission.orgs == 0
 
 
 async def test_a_waiter_cancelled_in_the_queue_leaves_it_and_takes_nothing() -> None:
@@ -195,6 +200,7 @@ async def test_a_waiter_cancelled_in_the_queue_leaves_it_and_takes_nothing() -> 
     with pytest.raises(asyncio.CancelledError):
         await gone.task
     assert admission.waiting() == 0
+    assert admission.orgs == 1  # b left no trace: only a, which holds its slot
     await holder.finish()
     assert admission.in_use == 0
     assert log == ["a"]
@@ -222,17 +228,17 @@ async def test_a_waiter_cancelled_after_its_grant_gives_the_slot_back() -> None:
 async def test_a_cancelled_waiter_is_skipped_when_slots_are_handed_out() -> None:
     admission = Admission(1, wait_s=FOREVER)
     log: list[str] = []
-    holder = Holder(admission, "a", log)
-    await holder.entered.wait()
+    mine = admission.slot("a", HEAVY)
+    await mine.__aenter__()  # held by this task, so that it frees the slot without yielding
     gone, nxt = Holder(admission, "b", log), Holder(admission, "c", log)
     await until(lambda: admission.waiting() == 2)
     gone.task.cancel()  # its future is cancelled now, its task runs only later
-    await holder.finish()  # hands the slot out meanwhile: not to the cancelled waiter
+    await mine.__aexit__(None, None, None)  # hands the slot out before b's task ran
     with pytest.raises(asyncio.CancelledError):
         await gone.task
     await nxt.entered.wait()
     await nxt.finish()
-    assert log == ["a", "c"]
+    assert log == ["c"]
     assert admission.in_use == 0
     assert admission.waiting() == 0
 

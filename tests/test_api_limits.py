@@ -72,6 +72,7 @@ def test_the_cost_model_in_units_of_a_30_day_calendar_query() -> None:
     assert cost("period%5Flength=730") == long
     assert cost("period_length=5&period_length=730") == long
     assert cost("period_length=730&period_length=5") == 1.0
+    assert cost("period_length=730&period_length=") == cost("")  # the last is blank: a 422
     assert model.cost(scope("/api/v2/org/acme/workspace/ws-1/settings")) == 1.0
     assert model.cost({"type": "http", "path": USAGE}) == cost("")  # no query string at all
 
@@ -85,6 +86,23 @@ def test_a_request_dearer_than_the_burst_takes_a_full_bucket_and_passes_again_la
     assert buckets.take("a", cost=10) == pytest.approx(3.0)  # it needs the whole burst again
     now[0] += 3.0
     assert buckets.take("a", cost=10) == 0.0
+
+
+def test_a_bucket_never_holds_more_than_the_burst_and_forgets_the_least_recent_caller() -> None:
+    now = [0.0]
+    buckets = TokenBuckets(per_minute=60, burst=3, clock=lambda: now[0], max_callers=3)
+    assert buckets.take("a") == 0.0
+    now[0] += 3600  # an hour idle refills to the burst, not to 3,600 requests
+    assert [buckets.take("a") for _ in range(4)] == [0.0, 0.0, 0.0, pytest.approx(1.0)]
+    for key in ("b", "c"):
+        assert buckets.take(key, cost=3) == 0.0  # b and c empty their buckets
+    assert buckets.take("b", cost=3) > 0  # b seen again: a, then c, are the least recent
+    assert buckets.take("d") == 0.0  # a fourth caller: the least recently seen goes...
+    assert buckets.take("a") == 0.0  # ...which was a: forgiven, a full bucket again (c goes)
+    assert buckets.take("b", cost=3) > 0  # b, seen since, was kept: still empty
+    assert buckets.take("c", cost=3) == 0.0  # c was forgotten: forgiven too
+    assert len(buckets) == 3
+    assert retry_after(0.0) == 1  # never "Retry-After: 0"
 
 
 def test_retry_after_counts_only_the_tokens_still_missing() -> None:
