@@ -103,9 +103,17 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
             else:
                 app.state.store = store
             if settings.api_metrics_port is not None:
-                app.state.metrics_server = await observability.serve_metrics(
-                    app.state.api_metrics, settings.api_metrics_host, settings.api_metrics_port)
-                stack.push_async_callback(_close_server, app.state.metrics_server)
+                host, port = settings.api_metrics_host, settings.api_metrics_port
+                try:
+                    server = await observability.serve_metrics(app.state.api_metrics, host, port)
+                except OSError as err:
+                    # The API still answers; the operator reads why its series are missing.
+                    log.error("cannot serve /metrics on API_METRICS_HOST:API_METRICS_PORT "
+                              "%s:%d (%s); the API runs without its metrics listener",
+                              host, port, err.strerror or err)
+                else:
+                    app.state.metrics_server = server
+                    stack.push_async_callback(_close_server, server)
             yield
             answers = getattr(app.state, "answers", None)
             if answers is not None:

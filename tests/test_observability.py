@@ -184,6 +184,29 @@ async def test_metrics_are_served_on_their_own_listener_never_on_the_api_port(
         assert getattr(app.state, "metrics_server", None) is None
 
 
+async def test_a_metrics_port_in_use_is_one_clear_error_and_the_api_still_answers(
+    settings: Settings, store: SketchStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    taken = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = taken.sockets[0].getsockname()[1]
+    try:
+        app = create_app(settings.model_copy(update={"api_metrics_port": port}), store)
+        caplog.set_level(logging.INFO)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c,
+        ):
+            assert (await c.get("/healthz")).status_code == 200
+            assert getattr(app.state, "metrics_server", None) is None
+    finally:
+        taken.close()
+        await taken.wait_closed()
+    [record] = [r for r in caplog.records if "API_METRICS_PORT" in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    assert f"127.0.0.1:{port}" in record.getMessage()
+    assert record.exc_info is None  # a sentence, not a traceback
+
+
 async def test_request_id_is_echoed_when_sane(client: httpx.AsyncClient) -> None:
     rid = "req-2026.11.24:abc_DEF/1+2=3@edge"
     r = await client.get("/healthz", headers={"X-Request-ID": rid})
