@@ -132,6 +132,11 @@ async def _check_later(app: FastAPI, settings: Settings) -> None:
             stop()
 
 
+async def _close_server(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()
+
+
 def _detail(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -173,6 +178,18 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
                 app.state.store = await stack.enter_async_context(open_store(settings))
             else:
                 app.state.store = store
+            if settings.api_metrics_port is not None:
+                host, port = settings.api_metrics_host, settings.api_metrics_port
+                try:
+                    server = await observability.serve_metrics(app.state.api_metrics, host, port)
+                except OSError as err:
+                    # The API still answers; the operator reads why its series are missing.
+                    log.error("cannot serve /metrics on API_METRICS_HOST:API_METRICS_PORT "
+                              "%s:%d (%s); the API runs without its metrics listener",
+                              host, port, err.strerror or err)
+                else:
+                    app.state.metrics_server = server
+                    stack.push_async_callback(_close_server, server)
             later = await _check_eviction(app, settings)
             try:
                 yield
@@ -220,10 +237,12 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
     @app.exception_handler(StoreUnavailable)
     async def _unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
         log.warning("store unavailable: %s", exc)
+        observability.mark_refusal(request.scope, observability.STORE_UNAVAILABLE)
         return _detail(503, "store unavailable, try again shortly", {"Retry-After": "5"})
 
     @app.exception_handler(QueryBusy)
     async def _busy(request: Request, exc: QueryBusy) -> JSONResponse:
+        observability.mark_refusal(request.scope, observability.BUSY)
         return _detail(503, f"{exc}: retry in {BUSY_RETRY_AFTER_S} s",
                        {"Retry-After": str(BUSY_RETRY_AFTER_S)})
 
@@ -256,6 +275,7 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
             await request.app.state.store.ping()
         except StoreUnavailable as err:
             log.warning("readiness check failed: %s", err)
+            observability.mark_refusal(request.scope, observability.STORE_UNAVAILABLE)
             return _detail(503, "store unavailable")
         return {"status": "ready"}
 
@@ -264,9 +284,9 @@ def create_app(settings: Settings | None = None, store: SketchStore | None = Non
     app.include_router(dashboard.router)
     docs.install(app, settings.api_docs)
     api_metrics = observability.ApiMetrics()
-    app.add_api_route("/metrics", api_metrics.endpoint, include_in_schema=False)
+    app.state.api_metrics = api_metrics  # served by the lifespan's own listener, not here
     # Innermost: only requests the rate limiter let through have their body read.
-    app.add_middleware(BodyLimitMiddleware, verifier=app.state.verifier)
+    app.add_middleware(BodyLimitMiddleware)
     document_413(app)
     _document_409(app)
     # Inside the observability middleware, so that a 429 gets a request id and is counted.

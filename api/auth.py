@@ -7,11 +7,22 @@ token signed with the server's RS256 public key).
 
 Roles never carry permissions themselves: the token says who the caller is, this table says what
 that role may do, so a role the table does not know gets nothing.
+
+A token's lifetime is capped by ``JWT_MAX_LIFETIME_SECONDS`` (issue 16): ``exp - iat``, or
+``exp - now`` when the token has no ``iat``, may not exceed it. Without the cap one leaked token
+with ``exp=10**20`` was a key for ever. The time claims must be JSON numbers: PyJWT reads them
+with ``int()``, so ``"exp": "99999999999"`` (a string) used to pass.
+
+``verify`` is total: whatever bytes a caller sends as a token, the answer is a principal or
+``Unauthenticated``/``Forbidden``, never another exception, because the rate limiter calls it
+before the request is charged (a failure there would be a 500 for free).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, MutableMapping
+import math
+import time
+from collections.abc import Callable, Collection, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,11 +122,24 @@ def verify_once(
     return kept[1]
 
 
+TIME_CLAIMS = ("exp", "iat", "nbf")
+
+
+def _is_number(value: object) -> bool:
+    """A JSON number that can be a NumericDate (RFC 7519, 2): not a string, not a boolean (a
+    ``bool`` is an ``int`` to Python), not NaN or infinite."""
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    )
+
+
 class TokenVerifier:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.audience = settings.jwt_audience
         self.issuer = settings.jwt_issuer
         self.leeway = settings.jwt_leeway_seconds
+        self.max_lifetime = settings.jwt_max_lifetime_seconds
+        self.clock = clock
         self.key: Any = None
         self.algorithm: str | None = None
         if settings.jwt_public_key is not None:
@@ -157,6 +181,9 @@ class TokenVerifier:
             )
         except jwt.PyJWTError as err:
             raise Unauthenticated(f"invalid token: {err}") from err
+        except Exception as err:  # any bytes a caller sends get a verdict, never a 500
+            raise Unauthenticated("invalid token: malformed") from err
+        self._check_lifetime(claims)
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise Unauthenticated("invalid token: 'sub' must be a non-empty string")
@@ -167,6 +194,20 @@ class TokenVerifier:
         if org is not None and not isinstance(org, str):
             raise Forbidden("'org_id' must be a string")
         return Principal(subject=sub, role=role, org_id=org)
+
+    def _check_lifetime(self, claims: dict[str, Any]) -> None:
+        for name in TIME_CLAIMS:
+            if name in claims and not _is_number(claims[name]):
+                raise Unauthenticated(f"invalid token: '{name}' must be a number of seconds")
+        exp = float(claims["exp"])
+        if "iat" in claims:
+            lifetime, slack = exp - float(claims["iat"]), 0
+        else:  # measured from now, so the issuer's clock may be ahead by the leeway
+            lifetime, slack = exp - self.clock(), self.leeway
+        if lifetime > self.max_lifetime + slack:
+            raise Unauthenticated(
+                f"invalid token: lifetime over JWT_MAX_LIFETIME_SECONDS ({self.max_lifetime} s)"
+            )
 
 
 def issue_token(
@@ -180,7 +221,16 @@ def issue_token(
     private_key: str | None = None,
 ) -> str:
     """A token for local use (``usage-metrics token``, the demo, tests), signed with the
-    configured secret, or with ``private_key`` when the server is configured with a public key."""
+    configured secret, or with ``private_key`` when the server is configured with a public key.
+
+    Refuses (``ValueError``) what the API would refuse: a lifetime over
+    ``JWT_MAX_LIFETIME_SECONDS``, or an HS256 token for a server that verifies with
+    ``JWT_PUBLIC_KEY`` (it accepts only its key type's algorithm, never ``JWT_SECRET``)."""
+    if ttl_seconds > settings.jwt_max_lifetime_seconds:
+        raise ValueError(
+            f"a lifetime of {ttl_seconds} s is over JWT_MAX_LIFETIME_SECONDS "
+            f"({settings.jwt_max_lifetime_seconds} s): the API would refuse the token"
+        )
     claims: dict[str, Any] = {
         "sub": subject,
         "role": role,
@@ -196,6 +246,12 @@ def issue_token(
     if private_key is not None:
         verifier = TokenVerifier(settings)
         return jwt.encode(claims, private_key, algorithm=verifier.algorithm or "RS256")
+    if settings.jwt_public_key is not None:
+        raise ValueError(
+            "JWT_PUBLIC_KEY is set, so the API accepts only tokens signed with its private key "
+            "(RS256/ES256), never with JWT_SECRET; sign tokens where that key is kept (your "
+            "identity provider), or unset JWT_PUBLIC_KEY to use JWT_SECRET"
+        )
     if settings.jwt_secret is None:
         raise ValueError("set JWT_SECRET to sign tokens")
     return jwt.encode(claims, settings.jwt_secret.get_secret_value(), algorithm="HS256")

@@ -1,25 +1,25 @@
-"""A cap on request bodies: ``413`` over ``MAX_BODY_BYTES`` (64 KiB), before anything is parsed.
+"""A cap on request bodies: ``413`` over ``MAX_BODY_BYTES`` (64 KiB), and never more than that held.
 
 The only body the API takes is a workspace's settings (a zone and at most 100 patterns of at most
 256 characters: under 30 KiB as JSON). Without a cap the settings route would read whatever a
 caller streams into memory before validating it.
 
-Pure ASGI, like the rate limiter. A declared ``Content-Length`` over the cap is refused at once;
-a body without one (chunked) is read up to the cap and refused as soon as it goes over, so no
-more than 64 KiB of it is ever held. Only a caller whose bearer token verifies gets the ``413``:
-for any other the request goes on to the route, which answers 401 before it reads the body
-(authentication comes first, whatever else is wrong with a request).
+Pure ASGI, like the rate limiter, but it decides nothing up front: it hands the application a
+``receive`` that counts the bytes as the route reads them and raises ``BodyTooLarge`` (an HTTP
+``413``) on the first read when the declared ``Content-Length`` is over the cap, or as soon as a
+body without one (chunked) goes over it. So the route's own order holds whatever the body: it
+reads the body only after authentication (401) and permission (403) have passed, and a caller
+that may not write learns nothing from the size of what it sent. (Until issue 16 the middleware
+refused a large body for any caller whose token verified, so a ``basic`` caller got 413 where
+the permission says 403.) A body the route never reads costs nothing: the server discards it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
-from starlette.responses import JSONResponse
+from fastapi import FastAPI, HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from api.auth import TokenVerifier, caller_of
 
 MAX_BODY_BYTES = 64 * 1024
 WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
@@ -34,75 +34,59 @@ RESPONSE_413: dict[str, Any] = {
 }
 
 
+class BodyTooLarge(HTTPException):
+    """An ``HTTPException``, so that FastAPI answers it as it is (``413`` with a JSON detail)
+    even where it reads a body itself, where any other exception would become a 400."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body over {max_bytes} bytes",
+                         headers={"Connection": "close"})
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the server refuses a malformed length itself
+    return None
+
+
+def capped(receive: Receive, max_bytes: int, declared: int | None) -> Receive:
+    """``receive`` that raises ``BodyTooLarge`` instead of handing on more than ``max_bytes``."""
+    seen = 0
+
+    async def read() -> Message:
+        nonlocal seen
+        if declared is not None and declared > max_bytes:
+            raise BodyTooLarge(max_bytes)
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > max_bytes:
+                raise BodyTooLarge(max_bytes)
+        return message
+
+    return read
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, verifier: TokenVerifier, max_bytes: int = MAX_BODY_BYTES,
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES,
                  prefix: str = "/api/") -> None:
         self.app = app
-        self.verifier = verifier
         self.max_bytes = max_bytes
         self.prefix = prefix
-
-    def _authenticated(self, scope: Scope) -> bool:
-        return caller_of(scope, self.verifier) is not None
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse(
-            {"detail": f"request body over {self.max_bytes} bytes"}, status_code=413,
-            headers={"Connection": "close"},
-        )
-        await response(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http"
             or scope.get("method") not in WITH_BODY
             or not str(scope.get("path", "")).startswith(self.prefix)
-            or not self._authenticated(scope)
         ):
             await self.app(scope, receive, send)
             return
-        declared = next((v for k, v in scope.get("headers", ()) if k.lower() == b"content-length"),
-                        None)
-        if declared is not None:
-            try:
-                too_large = int(declared) > self.max_bytes
-            except ValueError:
-                too_large = False  # the server refuses a malformed length itself
-            if too_large:
-                await self._refuse(scope, receive, send)
-                return
-        # Read at most the cap, then hand the body on as one message.
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                await self.app(scope, _replay([message]), send)
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        await self.app(scope, _replay([{"type": "http.request", "body": body,
-                                        "more_body": False}], then=receive), send)
-
-
-def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
-    pending = list(messages)
-
-    async def receive() -> Message:
-        if pending:
-            return pending.pop(0)
-        if then is not None:
-            return await then()
-        return {"type": "http.disconnect"}
-
-    return receive
+        await self.app(scope, capped(receive, self.max_bytes, _declared_length(scope)), send)
 
 
 def document_413(app: FastAPI) -> None:

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth import READ_METRICS, Principal, TokenVerifier, Unauthenticated, verify_once
+from sketches.admission import Admission
 from sketches.config import Settings
 from sketches.keys import MAX_ORG_ID, MAX_WORKSPACE_ID, Scope, org_scope
 from sketches.results import Answers
@@ -45,7 +46,7 @@ async def get_answers(request: Request) -> Answers:
             retention_days=settings.retention_days,
             default_timezone=settings.default_timezone,
             cache_entries=settings.result_cache_entries,
-            max_heavy=settings.api_max_expensive_queries,
+            admission=Admission.from_settings(settings),
         )
         state.answers = answers
     return answers

@@ -13,23 +13,30 @@ does both for each HTTP request:
   ``usage_metrics_api_request_duration_seconds`` by method, route template
   (``/api/v2/org/{org_id}/workspace/{workspace_id}/metrics/usage``, never the ids themselves, so
   tenants cannot blow up the series count; ``unmatched`` for a path no route knows) and status;
-  ``usage_metrics_api_redis_errors_total`` by route, counted whenever the API answers 503, which
-  it does only when Redis is unreachable; and the requests in flight.
+  ``usage_metrics_api_redis_errors_total`` by route, counted when the API answers 503 because
+  Redis is unreachable; ``usage_metrics_api_busy_total`` by route, counted when it answers 503
+  because the heavy-recompute slots are taken (``QueryBusy``), which says nothing about Redis and
+  once inflated its error count; and the requests in flight. A 503 says which it was through
+  ``mark_refusal`` (the exception handlers call it), since a status alone cannot.
 
-``GET /metrics`` serves the API's own registry (one per application, so tests can build many)
+``serve_metrics`` serves the API's own registry (one per application, so tests can build many)
 followed by prometheus-client's default registry (process, platform and garbage-collector series,
-and the consumer's series when both run in one process, as in ``usage-metrics demo``).
+and the consumer's series when both run in one process, as in ``usage-metrics demo``) on a
+listener of its own (``API_METRICS_PORT``, bound to ``API_METRICS_HOST``), never on the API's
+port: the API port faces callers, and the series name routes, statuses and load that a caller
+has no business reading (issue 16). Without ``API_METRICS_PORT`` nothing serves them.
 
 Nothing here reads headers other than ``X-Request-ID``: tokens never reach a log or a label.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -43,8 +50,6 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.datastructures import MutableHeaders
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -55,6 +60,23 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 _request_id: ContextVar[str | None] = ContextVar("usage_metrics_request_id", default=None)
+
+# Why a request was refused with 503, kept in its ASGI state by the exception handlers.
+_REFUSAL = "usage_metrics.refusal"
+STORE_UNAVAILABLE = "store_unavailable"
+BUSY = "busy"
+
+
+def mark_refusal(scope: MutableMapping[str, Any], cause: str) -> None:
+    """Say why this request is answered 503 (``STORE_UNAVAILABLE`` or ``BUSY``), for the
+    series: the middleware sees only the status."""
+    scope.setdefault("state", {})[_REFUSAL] = cause
+
+
+def _refusal(scope: Scope) -> str | None:
+    state = scope.get("state")
+    cause = state.get(_REFUSAL) if isinstance(state, dict) else None
+    return cause if isinstance(cause, str) else None
 
 
 def current_request_id() -> str | None:
@@ -137,25 +159,71 @@ class ApiMetrics:
             ("route",),
             registry=self.registry,
         )
+        self.busy = Counter(
+            "usage_metrics_api_busy_total",
+            "Requests answered 503 because this process's heavy-recompute slots were taken "
+            "(no Redis error), by route template",
+            ("route",),
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "usage_metrics_api_requests_in_flight",
             "HTTP requests being served",
             registry=self.registry,
         )
 
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+    def observe(
+        self, method: str, route: str, status: int, seconds: float, refusal: str | None = None
+    ) -> None:
         code = str(status)
         self.requests.labels(method, route, code).inc()
         self.latency.labels(method, route, code).observe(seconds)
-        if status == 503:
+        if status == 503 and refusal == STORE_UNAVAILABLE:
             self.redis_errors.labels(route).inc()
+        elif status == 503 and refusal == BUSY:
+            self.busy.labels(route).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry) + generate_latest(REGISTRY)
 
-    async def endpoint(self, request: Request) -> Response:
-        """``GET /metrics``: the Prometheus text format."""
-        return Response(self.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+# ---------------------------------------------------------------- the metrics listener
+
+MAX_REQUEST_HEAD = 8192
+READ_TIMEOUT_S = 5.0
+
+
+async def serve_metrics(metrics: ApiMetrics, host: str, port: int) -> asyncio.Server:
+    """``GET /metrics`` on ``host:port``, apart from the API (module docstring). A few lines of
+    HTTP/1.1, like the consumer's health port: one request per connection, its head read whole
+    (at most 8 KiB, 5 s) before the answer, so that closing never resets a scraper that is still
+    sending headers."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            method = parts[0] if parts else ""
+            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+            if path != "/metrics":
+                status, ctype, body = "404 Not Found", "application/json", b'{"detail":"not found"}'
+            elif method not in ("GET", "HEAD"):
+                status, ctype = "405 Method Not Allowed", "application/json"
+                body = b'{"detail":"method not allowed"}'
+            else:
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, metrics.exposition()
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode() + (b"" if method == "HEAD" else body)
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError):
+            pass  # a client that went away or sent no valid head gets nothing
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port, limit=MAX_REQUEST_HEAD)
 
 
 def route_template(scope: Scope) -> str:
@@ -216,5 +284,5 @@ class ObservabilityMiddleware:
             method = scope.get("method", "GET")
             self.metrics.observe(
                 method if method in METHODS else "other", route_template(scope), status,
-                time.perf_counter() - started,
+                time.perf_counter() - started, _refusal(scope),
             )

@@ -28,12 +28,21 @@ whatever its window: both windows are served from stored per-day results
 results a rolling 730-day query recomputed 760 sketches and was charged 92 units.) A cost above
 the burst takes the whole burst. Other ``/api/`` requests cost 1.
 
+**Total, and charged first** (issue 16). The cost is read before authentication, from bytes any
+client chooses, so it must never fail: ``?period_length=²`` (``str.isdigit`` is true, ``int()``
+raises) once made every such request a 500 with two tracebacks, and no request was charged. The
+model reads ``period_length`` exactly as the route will: the last of repeated values, through
+the same pydantic validation (``" 730"``, ``"+730"``, ``"7_30"`` and ``"730.0"`` are all 730
+there, so they are charged 730 days here). A value the route refuses (422) is charged the
+default period; one above ``MAX_PERIOD_LENGTH`` is charged the maximum. Nothing in the limiter
+runs before the charge that could raise.
+
 **Bounded per process.** A token bucket bounds each caller's rate, not what all callers together
 run at once. What is expensive now is not a shape of request but a *recompute*: the first
 answer after a backfill or a rebuild reads every day's sketch (tens of megabytes for a large
-workspace). ``sketches.results.Answers`` lets at most ``API_MAX_EXPENSIVE_QUERIES`` such heavy
-recomputes (more than ``HEAVY_READS`` sketch reads) run at once per process; the next is
-answered ``503`` with ``Retry-After`` at once: nothing queues.
+workspace). ``sketches.admission`` lets at most ``API_MAX_EXPENSIVE_QUERIES`` such heavy
+recomputes (more than ``HEAVY_READS`` sketch reads) run at once per process, shared fairly
+between orgs, with a short bounded wait for a slot before a ``503`` with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -42,10 +51,11 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI
+from pydantic import Field, TypeAdapter, ValidationError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -59,7 +69,9 @@ USAGE_PREFIX = "/api/v2/org/"
 USAGE_SUFFIX = "/metrics/usage"
 # The cost model (module docstring), in sketch counts; a unit is a 30-day calendar query.
 DEFAULT_PERIOD_LENGTH = 365
-
+PERIOD_LENGTH = "period_length"
+# The route's own reading of the parameter (api.routes.usage_params: an int, at least 0).
+_PERIOD_LENGTH: TypeAdapter[int] = TypeAdapter(Annotated[int, Field(ge=0)])
 
 
 class TokenBuckets:
@@ -123,16 +135,24 @@ class CostModel:
         path = str(scope.get("path", ""))
         if not (path.startswith(USAGE_PREFIX) and path.endswith(USAGE_SUFFIX)):
             return 1.0
+        return max(1.0, self._calendar(self.rows(scope.get("query_string", b""))) / self.unit)
+
+    def rows(self, query_string: object) -> int:
+        """The rows the route would serve for this query string. The string is split as
+        Starlette splits it for the route (latin-1, then ``parse_qsl`` keeping blank values), and
+        a repeated parameter counts by its last value, as FastAPI reads a scalar parameter."""
+        raw = query_string if isinstance(query_string, bytes) else b""
+        value: str | None = None
+        for name, got in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
+            if name == PERIOD_LENGTH:
+                value = got
+        if value is None:
+            return DEFAULT_PERIOD_LENGTH + 1
         try:
-            query = parse_qsl(scope.get("query_string", b"").decode("latin-1"),
-                              keep_blank_values=True, max_num_fields=64)
-        except ValueError:
-            return 1.0  # too many fields: the route refuses it
-        rows = DEFAULT_PERIOD_LENGTH + 1
-        for name, value in query:
-            if name == "period_length" and value.isdigit() and len(value) < 8:
-                rows = min(int(value) + 1, self.max_rows)
-        return max(1.0, self._calendar(rows) / self.unit)
+            days = _PERIOD_LENGTH.validate_python(value)
+        except ValidationError:
+            return DEFAULT_PERIOD_LENGTH + 1  # the route answers 422
+        return min(days + 1, self.max_rows)  # above the maximum: 422 too, charged the most
 
 
 def retry_after(seconds: float) -> int:

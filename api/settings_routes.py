@@ -10,7 +10,8 @@ changed field by field (``PATCH``).
   restoring the other's old value.
 - Authentication comes first (a router dependency), and the body is read only after every
   dependency has passed: a caller without a valid token or permission learns nothing about which
-  body would have been valid.
+  body would have been valid, nor whether it was too large (``api.bodylimit`` caps the body
+  when it is read, so 401 and 403 come before 413).
 - These routes read settings with one ``GET`` of their own. The usage route reads settings
   together with the data version token for its result cache, which settings do not need.
 """
@@ -111,14 +112,19 @@ async def patch(
     # The fields are independent, so a patch valid over the defaults is valid over any stored
     # value: checked first, an invalid body is a 422 without a store round trip (or a 503).
     merged(defaults, changes, defaults)
-    if not scope.is_org:  # bounded like PUT: settings of workspaces with no data are counted
-        await ws_settings.admit(store.client, store.keys, scope)
+    # Bounded like PUT: settings of workspaces with no data are counted, but only once this
+    # patch is known to write something; a patch that changes nothing takes no slot of the org's
+    # MAX_SETTINGS_WITHOUT_DATA (issue 16).
+    admitted = scope.is_org
     for _ in range(PATCH_ATTEMPTS):
         raw = await ws_settings.read_raw(store.client, store.keys, scope)
         current = decode(raw)
         new = merged(current, changes, defaults)
         if new == current:
             return current  # nothing to write (and defaults stay defaults, not pinned)
+        if not admitted:
+            await ws_settings.admit(store.client, store.keys, scope)
+            admitted = True
         if await ws_settings.compare_and_set(store.client, store.keys, scope, raw, new):
             return new
     raise HTTPException(409, "the settings kept changing concurrently; try again")

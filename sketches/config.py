@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     # Clock skew allowed on exp/nbf/iat, in seconds.
     jwt_leeway_seconds: int = Field(default=30, ge=0, le=600)
+    # The longest lifetime a token may have (exp - iat, or exp - now without iat): a token that
+    # leaks is refused after this long at most, whatever exp its issuer wrote (api.auth).
+    jwt_max_lifetime_seconds: int = Field(default=86_400, ge=60)
 
     # Consumer tuning. A batch is one getmany() call: one Redis pipeline and one commit.
     consumer_max_batch: int = Field(default=100_000, ge=1)
@@ -110,10 +113,22 @@ class Settings(BaseSettings):
     # refills at RATE_LIMIT_PER_MINUTE; 0 in either turns limiting off.
     rate_limit_per_minute: int = Field(default=600, ge=0)
     rate_limit_burst: int = Field(default=60, ge=0)
-    # Requests are charged by estimated cost (api.ratelimit: a rolling 730-day query costs 92
-    # units of a 30-day calendar query), and a process runs at most this many expensive ones
-    # at once (503 + Retry-After beyond); 0 turns the gate off.
+    # Requests are charged by estimated cost (api.ratelimit: a 730-day query costs 5.1 units of
+    # a 30-day calendar query), and a process runs at most this many heavy recomputes at once
+    # (sketches.admission); 0 turns the gate off.
     api_max_expensive_queries: int = Field(default=4, ge=0)
+    # Of those, one org holds at most this many (unset: half of them, rounded up), so that a
+    # flood from one org never makes another wait.
+    api_max_expensive_per_org: int | None = Field(default=None, ge=1)
+    # A heavy recompute waits this long for a slot before its 503 + Retry-After; at most
+    # API_EXPENSIVE_QUEUE_PER_ORG of one org wait at once (the next: 503 at once).
+    api_expensive_wait_s: float = Field(default=2.0, ge=0, le=60)
+    api_expensive_queue_per_org: int = Field(default=16, ge=0)
+
+    # Prometheus /metrics of the API on a listener of its own (api.observability), never on the
+    # API's port; bound to API_METRICS_HOST. Unset: not served. 0: any free port (tests).
+    api_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    api_metrics_host: str = "127.0.0.1"
 
     # Swagger UI at /docs, served from the fastapi-offline package (api.docs), never a CDN.
     api_docs: bool = True

@@ -69,7 +69,7 @@ import logging
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from enum import IntEnum
@@ -78,7 +78,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from sketches.errors import CorruptSketch, QueryBusy
+from sketches.admission import Admission
+from sketches.errors import CorruptSketch
 from sketches.keys import Scope
 from sketches.periods import (
     Granularity,
@@ -103,10 +104,6 @@ from sketches.writes import STAMP_RING
 
 log = logging.getLogger(__name__)
 
-HEAVY_READS = 200
-"""A request that must read more sketches than this (a full recompute after a backfill, a long
-direct computation) is heavy: at most ``max_heavy`` run at once per process, the next is refused
-with ``QueryBusy`` (503) rather than queued. A live request reads about 35."""
 MAX_PENDING_WRITES = 64
 """Stored-result writes a process lets run behind its responses."""
 LEAD = MONTH_DAYS - 1
@@ -402,10 +399,11 @@ class Answers:
         default_timezone: str,
         cache_entries: int,
         max_heavy: int = 0,
+        admission: Admission | None = None,
     ) -> None:
         self.store = store
-        self.max_heavy = max_heavy  # 0: unbounded
-        self.heavy = 0
+        # Heavy recomputes (more than HEAVY_READS reads) take a fair slot: sketches.admission.
+        self.admission = admission if admission is not None else Admission(max_heavy)
         self.retention_days = retention_days
         self.default_timezone = default_timezone
         self.cache = ResultCache(cache_entries)
@@ -484,26 +482,16 @@ class Answers:
         # Never written (nothing to keep), reaching back to where keys expire, or damaged.
         self.counters.direct += 1
         reads = query.period_length + 1 + (MONTH_DAYS if query.window is Window.ROLLING else 0)
-        async with self._slot(reads):
+        async with self._slot(snap.scope, reads):
             return Series.of_rows(await usage(
                 self.store, snap.scope, end=query.end, period_length=query.period_length,
                 metrics=wanted, window=query.window, horizon=horizon,
                 week_start=snap.config.week_start,
             ))
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, reads: int) -> AsyncIterator[None]:
-        """A heavy computation's place among the ``max_heavy`` this process runs at once."""
-        if reads <= HEAVY_READS or self.max_heavy <= 0:
-            yield
-            return
-        if self.heavy >= self.max_heavy:
-            raise QueryBusy(f"{self.max_heavy} heavy recomputes already run in this process")
-        self.heavy += 1
-        try:
-            yield
-        finally:
-            self.heavy -= 1
+    def _slot(self, scope: Scope, reads: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """A heavy computation's fair place among this process's slots (sketches.admission)."""
+        return self.admission.slot(scope.org_id, reads)
 
     async def _refresh(
         self, snap: Snapshot, query: Query, horizon: date, columns: list[Column]
@@ -528,7 +516,7 @@ class Answers:
         todo = {c: np.flatnonzero(mask) for c, mask in invalid.items() if mask.any()}
         if not todo:
             return stored
-        async with self._slot(_reads(todo)):
+        async with self._slot(snap.scope, _reads(todo)):
             await self._recompute(snap.scope, stored, todo, snap.config)
         for c in todo:
             stored.seen[c] = current

@@ -306,6 +306,48 @@ def _exp_not_a_number(s: Settings) -> str:
     return jwt.encode(claims() | {"exp": "tomorrow"}, secret_of(s), algorithm="HS256")
 
 
+def _exp_a_numeric_string(s: Settings) -> str:
+    # PyJWT reads exp with int(): a string of digits used to pass as a date.
+    return jwt.encode(claims() | {"exp": str(int(time.time()) + 600)}, secret_of(s), "HS256")
+
+
+def _exp_far_in_the_future(s: Settings) -> str:
+    return jwt.encode(claims() | {"exp": 10**20}, secret_of(s), algorithm="HS256")
+
+
+def _exp_huge_float(s: Settings) -> str:
+    return jwt.encode(claims() | {"exp": 1e308}, secret_of(s), algorithm="HS256")
+
+
+def _exp_a_list(s: Settings) -> str:
+    return jwt.encode(claims() | {"exp": [int(time.time()) + 600]}, secret_of(s), "HS256")
+
+
+def _iat_a_string(s: Settings) -> str:
+    return jwt.encode(claims() | {"iat": str(int(time.time()))}, secret_of(s), "HS256")
+
+
+def _nbf_a_string(s: Settings) -> str:
+    return jwt.encode(claims() | {"nbf": str(int(time.time()))}, secret_of(s), "HS256")
+
+
+def _lifetime_over_the_cap(s: Settings) -> str:
+    return jwt.encode(claims(ttl=s.jwt_max_lifetime_seconds + 1), secret_of(s), "HS256")
+
+
+def _lifetime_over_the_cap_without_iat(s: Settings) -> str:
+    c = claims(ttl=s.jwt_max_lifetime_seconds + s.jwt_leeway_seconds + 60)
+    del c["iat"]
+    return jwt.encode(c, secret_of(s), algorithm="HS256")
+
+
+def _issued_long_ago_for_long(s: Settings) -> str:
+    # Still 10 minutes to go, but issued for longer than the cap allows.
+    now = int(time.time())
+    return jwt.encode(claims() | {"iat": now - s.jwt_max_lifetime_seconds, "exp": now + 600},
+                      secret_of(s), algorithm="HS256")
+
+
 def _not_yet_valid(s: Settings) -> str:
     return jwt.encode(
         claims(nbf=int(time.time()) + 3600), secret_of(s), algorithm="HS256"
@@ -368,6 +410,15 @@ HOSTILE: dict[str, Callable[[Settings], str]] = {
     "empty_sub": _empty_sub,
     "numeric_sub": _numeric_sub,
     "exp_not_a_number": _exp_not_a_number,
+    "exp_a_numeric_string": _exp_a_numeric_string,
+    "exp_far_in_the_future": _exp_far_in_the_future,
+    "exp_huge_float": _exp_huge_float,
+    "exp_a_list": _exp_a_list,
+    "iat_a_string": _iat_a_string,
+    "nbf_a_string": _nbf_a_string,
+    "lifetime_over_the_cap": _lifetime_over_the_cap,
+    "lifetime_over_the_cap_without_iat": _lifetime_over_the_cap_without_iat,
+    "issued_long_ago_for_long": _issued_long_ago_for_long,
     "nbf_in_future": _not_yet_valid,
     "tampered_role": _tampered_role,
     "tampered_org": _tampered_org,
@@ -422,6 +473,38 @@ async def test_bearer_scheme_is_case_insensitive(
 ) -> None:
     token = issue_token(settings, role="admin", org_id=OWN, ttl_seconds=60, now=time.time())
     assert_numbers(await call(OWN, headers={"Authorization": f"bearer {token}"}), OWN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token lifetime (JWT_MAX_LIFETIME_SECONDS)
+
+
+async def test_a_token_of_exactly_the_longest_lifetime_is_accepted(
+    call: Callable[..., Any], settings: Settings
+) -> None:
+    cap = settings.jwt_max_lifetime_seconds
+    with_iat = jwt.encode(claims(ttl=cap), secret_of(settings), algorithm="HS256")
+    assert_numbers(await call(OWN, with_iat), OWN)
+    without_iat = claims(ttl=cap)
+    del without_iat["iat"]
+    assert_numbers(await call(OWN, jwt.encode(without_iat, secret_of(settings), "HS256")), OWN)
+    floating = jwt.encode(claims() | {"exp": time.time() + 600.5}, secret_of(settings), "HS256")
+    assert_numbers(await call(OWN, floating), OWN)  # a NumericDate may have a fraction
+    issued = issue_token(settings, role="admin", org_id=OWN, ttl_seconds=cap, now=time.time())
+    assert_numbers(await call(OWN, issued), OWN)
+
+
+async def test_the_longest_lifetime_is_a_setting(
+    call: Callable[..., Any], settings: Settings
+) -> None:
+    short = settings.model_copy(update={"jwt_max_lifetime_seconds": 300})
+    token = jwt.encode(claims(ttl=600), secret_of(settings), algorithm="HS256")
+    assert_numbers(await call(OWN, token), OWN)
+    refused = await call(OWN, token, short)
+    assert_error(refused, 401, token)
+    assert "JWT_MAX_LIFETIME_SECONDS" in refused.json()["detail"]
+    with pytest.raises(ValueError, match="over JWT_MAX_LIFETIME_SECONDS"):
+        issue_token(short, role="admin", org_id=OWN, ttl_seconds=600, now=time.time())
 
 
 # ---------------------------------------------------------------------------------------------

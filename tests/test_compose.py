@@ -47,6 +47,8 @@ KNOWN_SETTINGS = frozenset(
         "JWT_ISSUER",
         "LOG_FORMAT",
         "CONSUMER_HEALTH_PORT",
+        "API_METRICS_PORT",
+        "API_METRICS_HOST",
     }
 )
 
@@ -346,6 +348,27 @@ def test_api_runs_api_on_all_interfaces_and_publishes_its_port(
     published = [str(p) for p in api.get("ports") or []]
     assert any(p.split(":")[-1].split("/")[0] == port for p in published), (
         f"container port {port} is not published: {published}"
+    )
+
+
+def test_api_metrics_have_a_listener_of_their_own_exposed_on_the_network_never_published(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """The API port is published on every interface and faces callers; the Prometheus series
+    (routes, statuses, load) are served on API_METRICS_PORT, reachable by a scraper on the compose
+    network and by nothing outside it."""
+    api = services["api"]
+    env = env_of(api)
+    port = env.get("API_METRICS_PORT")
+    assert port, "the API's metrics need API_METRICS_PORT (else nothing serves them)"
+    assert env.get("API_METRICS_HOST") == "0.0.0.0", "other containers must reach the listener"
+    api_port = flag_value(tokens(api.get("command")), "--port") or "8000"
+    assert port != api_port
+    exposed = [str(p).split("/")[0] for p in api.get("expose") or []]
+    assert port in exposed, f"API_METRICS_PORT {port} is not exposed: {exposed}"
+    published = [str(p) for p in api.get("ports") or []]
+    assert not any(p.split(":")[-1].split("/")[0] == port for p in published), (
+        f"the metrics port {port} is published: {published}"
     )
 
 

@@ -1,21 +1,26 @@
 """The API's Prometheus series, request ids and log hygiene (api/observability.py).
 
 Requests go through the whole application (create_app with every middleware and exception
-handler) over httpx's ASGI transport, against the session's real Redis; the 503 cases use a
-store whose Redis port nobody listens on.
+handler, its lifespan running) over httpx's ASGI transport, against the session's real Redis; the
+503 cases use a store whose Redis port nobody listens on. The series are scraped as Prometheus
+would: over TCP from the metrics listener the lifespan opens (``API_METRICS_PORT``), never from
+the API's own routes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import SecretStr
+from redis import exceptions as redis_exceptions
 
 from api.app import create_app
 from api.auth import issue_token
@@ -52,11 +57,39 @@ def token(settings: Settings, role: str = "admin", org: str | None = ORG) -> str
     return issue_token(settings, role=role, org_id=org, ttl_seconds=600, now=time.time())
 
 
+@asynccontextmanager
+async def running(
+    settings: Settings, store: Any, **transport: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The application with its lifespan, its metrics listener on a free loopback port."""
+    app = create_app(settings.model_copy(update={"api_metrics_port": 0}), store)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app, **transport),
+                          base_url="http://api") as c,
+    ):
+        yield c
+
+
+def metrics_address(client: httpx.AsyncClient) -> tuple[str, int]:
+    app = client._transport.app  # type: ignore[attr-defined]
+    host, port = app.state.metrics_server.sockets[0].getsockname()[:2]
+    return str(host), int(port)
+
+
+async def scrape(client: httpx.AsyncClient) -> str:
+    """``GET /metrics`` from the application's metrics listener, over TCP."""
+    host, port = metrics_address(client)
+    async with httpx.AsyncClient() as prometheus:
+        response = await prometheus.get(f"http://{host}:{port}/metrics", timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return response.text
+
+
 @pytest.fixture
 async def client(settings: Settings, store: SketchStore) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, store)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
+    async with running(settings, store) as c:
         yield c
 
 
@@ -66,11 +99,8 @@ async def dead_store_client(settings: Settings) -> AsyncIterator[httpx.AsyncClie
     dead = settings.model_copy(
         update={"redis_url": SecretStr(f"redis://127.0.0.1:{free_port()}/0")}
     )
-    async with open_store(dead) as store:
-        app = create_app(settings, store)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
-            yield c
+    async with open_store(dead) as store, running(settings, store) as c:
+        yield c
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:
@@ -98,10 +128,7 @@ async def test_metrics_count_requests_by_route_template_and_status(
     assert (await client.get(USAGE_PATH)).status_code == 401
     assert (await client.get("/no/such/page")).status_code == 404
 
-    scrape = await client.get("/metrics")
-    assert scrape.status_code == 200
-    assert scrape.headers["content-type"].startswith("text/plain")
-    text = scrape.text
+    text = await scrape(client)
     route = {"method": "GET", "route": USAGE_TEMPLATE}
     assert sample(text, "usage_metrics_api_requests_total", **route, status="200") == 1
     assert sample(text, "usage_metrics_api_requests_total", **route, status="401") == 1
@@ -126,12 +153,59 @@ async def test_metrics_count_requests_by_route_template_and_status(
     assert "process_cpu_seconds_total" in text or "python_info" in text
 
 
-async def test_the_metrics_scrape_itself_is_counted(client: httpx.AsyncClient) -> None:
-    await client.get("/metrics")
-    text = (await client.get("/metrics")).text
-    assert sample(
-        text, "usage_metrics_api_requests_total", method="GET", route="/metrics", status="200"
-    ) == 1
+async def test_metrics_are_served_on_their_own_listener_never_on_the_api_port(
+    client: httpx.AsyncClient, settings: Settings, store: SketchStore
+) -> None:
+    """The API port faces callers; the series name its routes, statuses and load, so they are
+    served only where the operator binds API_METRICS_PORT (issue 16)."""
+    on_api = await client.get("/metrics")
+    assert on_api.status_code == 404
+    assert "usage_metrics_api" not in on_api.text
+    host, port = metrics_address(client)
+    assert host == "127.0.0.1"  # API_METRICS_HOST's default: loopback only
+    text = await scrape(client)
+    assert sample(text, "usage_metrics_api_requests_total", method="GET", route="unmatched",
+                  status="404") == 1  # the API port's 404 above; the scrape is not a request
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as other:
+        assert (await other.get("/")).status_code == 404
+        assert (await other.get("/api/v2/org/acme/metrics/usage")).status_code == 404
+        assert (await other.post("/metrics", content=b"x")).status_code == 405
+        head = await other.head("/metrics")
+        assert head.status_code == 200
+        assert head.content == b""
+    # A client that opens the port and sends nothing gets nothing, and breaks nothing.
+    _, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no end of the head
+    await writer.drain()
+    writer.close()
+    assert "usage_metrics_api_requests_total" in await scrape(client)
+    # Without API_METRICS_PORT nothing serves the series at all.
+    app = create_app(settings, store)
+    async with app.router.lifespan_context(app):
+        assert getattr(app.state, "metrics_server", None) is None
+
+
+async def test_a_metrics_port_in_use_is_one_clear_error_and_the_api_still_answers(
+    settings: Settings, store: SketchStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    taken = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = taken.sockets[0].getsockname()[1]
+    try:
+        app = create_app(settings.model_copy(update={"api_metrics_port": port}), store)
+        caplog.set_level(logging.INFO)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c,
+        ):
+            assert (await c.get("/healthz")).status_code == 200
+            assert getattr(app.state, "metrics_server", None) is None
+    finally:
+        taken.close()
+        await taken.wait_closed()
+    [record] = [r for r in caplog.records if "API_METRICS_PORT" in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    assert f"127.0.0.1:{port}" in record.getMessage()
+    assert record.exc_info is None  # a sentence, not a traceback
 
 
 async def test_request_id_is_echoed_when_sane(client: httpx.AsyncClient) -> None:
@@ -190,15 +264,18 @@ async def test_a_503_counts_a_redis_error_and_logs_with_the_request_id(
     assert r.status_code == 503, r.text
     assert r.headers["X-Request-ID"] == "rid-503-check"
 
-    failing = [rec for rec in caplog.records if "store unavailable" in rec.getMessage()]
+    # The route's own line (the start-up policy check, which cannot reach Redis either, says
+    # "store unavailable at ..." from outside any request).
+    failing = [rec for rec in caplog.records if rec.getMessage().startswith("store unavailable:")]
     assert failing, [rec.getMessage() for rec in caplog.records]
     assert all(getattr(rec, "request_id", None) == "rid-503-check" for rec in failing)
     # Both formatters of usage_metrics.logs print it.
     assert '"request_id":"rid-503-check"' in JsonFormatter().format(failing[0])
     assert "request_id=rid-503-check" in TextFormatter().format(failing[0])
 
-    text = (await dead_store_client.get("/metrics")).text
+    text = await scrape(dead_store_client)
     assert sample(text, "usage_metrics_api_redis_errors_total", route=USAGE_TEMPLATE) == 1
+    assert sample(text, "usage_metrics_api_busy_total", route=USAGE_TEMPLATE) is None
     assert sample(
         text, "usage_metrics_api_requests_total", method="GET", route=USAGE_TEMPLATE, status="503"
     ) == 1
@@ -208,8 +285,17 @@ async def test_a_503_counts_a_redis_error_and_logs_with_the_request_id(
 async def test_an_unhandled_error_logs_its_request_id(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
+    class Unreachable:
+        """The client's one use at start-up (the eviction-policy check): Redis does not answer,
+        so the check waits in the background and the requests meet the store's bug."""
+
+        async def config_get(self, *args: Any) -> Any:
+            raise redis_exceptions.ConnectionError("nobody listens")
+
     class BrokenStore:
         """Fails the way a bug fails: not a StoreUnavailable, so it becomes a plain 500."""
+
+        client = Unreachable()
 
         def __getattr__(self, name: str) -> Any:
             async def fail(*args: Any, **kwargs: Any) -> Any:
@@ -217,18 +303,16 @@ async def test_an_unhandled_error_logs_its_request_id(
 
             return fail
 
-    app = create_app(settings, BrokenStore())  # type: ignore[arg-type]
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     caplog.set_level(logging.DEBUG)
     secret_token = token(settings)
-    async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
+    async with running(settings, BrokenStore(), raise_app_exceptions=False) as c:
         r = await c.get(
             USAGE_PATH,
             headers={"Authorization": f"Bearer {secret_token}", "X-Request-ID": "rid-500"},
         )
         assert r.status_code == 500
         assert "Traceback" not in r.text
-        text = (await c.get("/metrics")).text
+        text = await scrape(c)
     logged = [rec for rec in caplog.records if "unhandled error" in rec.getMessage()]
     assert logged
     assert getattr(logged[0], "request_id", None) == "rid-500"
@@ -255,7 +339,7 @@ async def test_tokens_never_reach_the_logs(
         )
     await client.get(USAGE_PATH, params={"period_length": -1},
                      headers={"Authorization": f"Bearer {tokens[0]}"})
-    await client.get("/metrics")
+    await scrape(client)
     assert_never_logged(caplog, *tokens, SECRET)
 
 

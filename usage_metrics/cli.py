@@ -166,12 +166,18 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     if args.role not in ROLES:
         sys.stderr.write(f"unknown role {args.role!r}; one of {', '.join(ROLES)}\n")
         return 2
-    if settings.jwt_secret is None:
-        sys.stderr.write("set JWT_SECRET to sign tokens\n")
+    if args.ttl <= 0:
+        sys.stderr.write(f"--ttl must be a positive number of seconds, not {args.ttl}\n")
         return 2
-    token = issue_token(
-        settings, role=args.role, org_id=args.org, ttl_seconds=args.ttl, now=time.time()
-    )
+    try:
+        # Refuses what the API would refuse: a lifetime over JWT_MAX_LIFETIME_SECONDS, and an
+        # HS256 token while JWT_PUBLIC_KEY is set (the API would answer 401 to it).
+        token = issue_token(
+            settings, role=args.role, org_id=args.org, ttl_seconds=args.ttl, now=time.time()
+        )
+    except ValueError as err:
+        sys.stderr.write(f"usage-metrics token: {err}\n")
+        return 2
     sys.stdout.write(token + "\n")
     return 0
 
@@ -194,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("token", help="print a signed JWT for local use")
     tok.add_argument("--role", required=True)
     tok.add_argument("--org")
-    tok.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+    tok.add_argument("--ttl", type=int, default=3600,
+                     help="seconds (default 3600; at most JWT_MAX_LIFETIME_SECONDS)")
     rb = sub.add_parser(
         "rebuild",
         help="delete one workspace's sketches (or, without --workspace, the org's own) and "

@@ -182,7 +182,8 @@ async def run_demo(port: int, days: int, exit_when_ready: bool) -> int:
             ))
             serve = asyncio.create_task(server.serve())
             await _caught_up(group, sent + len(BROKEN))
-            token = issue_token(settings, role="admin", org_id="acme", ttl_seconds=86400,
+            token = issue_token(settings, role="admin", org_id="acme",
+                                ttl_seconds=min(86_400, settings.jwt_max_lifetime_seconds),
                                 now=time.time())
             _say(f"\n{sent} logins published and counted. Ask for 30 days of acme/engineering:\n")
             _say(f"curl -s -H 'Authorization: Bearer {token}' "

@@ -90,10 +90,12 @@ async def test_the_override_runs_with_a_loud_warning_and_the_gauge_at_1(
         health = free_port()
         consumer = procs.consumer(settings, REDIS_ALLOW_EVICTION="true",
                                   CONSUMER_HEALTH_PORT=str(health))
-        api, base = procs.api(settings, REDIS_ALLOW_EVICTION="true")
+        api_metrics = free_port()
+        api, base = procs.api(settings, REDIS_ALLOW_EVICTION="true",
+                              API_METRICS_PORT=str(api_metrics))
         wait_http(consumer, f"http://127.0.0.1:{health}/readyz", 60)
         for proc, metrics_url in ((consumer, f"http://127.0.0.1:{health}/metrics"),
-                                  (api, f"{base}/metrics")):
+                                  (api, f"http://127.0.0.1:{api_metrics}/metrics")):
             assert gauge_value((await get(metrics_url)).text) == 1, proc.output()
             [line] = [x for x in proc.output(0).splitlines()
                       if "REDIS_ALLOW_EVICTION=true: running anyway" in x]
@@ -112,10 +114,11 @@ async def test_config_disabled_is_said_and_every_process_goes_on(
         await make_topics(settings)
         health = free_port()
         consumer = procs.consumer(settings, CONSUMER_HEALTH_PORT=str(health))
-        api, base = procs.api(settings)
+        api_metrics = free_port()
+        api, _ = procs.api(settings, API_METRICS_PORT=str(api_metrics))
         wait_http(consumer, f"http://127.0.0.1:{health}/readyz", 60)
         for proc, metrics_url in ((consumer, f"http://127.0.0.1:{health}/metrics"),
-                                  (api, f"{base}/metrics")):
+                                  (api, f"http://127.0.0.1:{api_metrics}/metrics")):
             [line] = [x for x in proc.output(0).splitlines() if "CONFIG is disabled here" in x]
             assert " WARNING " in line, line
             assert "make sure it is noeviction" in line, line
