@@ -245,6 +245,21 @@ async def test_a_dead_letter_over_the_producers_own_limit_goes_truncated(
     assert letters.undeliverable == 0
 
 
+async def test_a_small_dead_letter_with_headers_over_the_producers_own_limit_goes_truncated(
+    settings: Settings, topics: tuple[str, str], producer: AIOKafkaProducer,
+) -> None:
+    """A small value is sent whole once more, alone (its batch may have been refused for a
+    neighbour), and aiokafka refuses it again for its headers: then it goes truncated."""
+    _, dlq = topics
+    letters = DeadLetters(producer, dlq)
+    big = [("trace", b"t" * (MAX_DLQ_REQUEST_BYTES + 1024)), ("x", b"y")]
+    await asyncio.wait_for(letters.send([(record(31, b"small", headers=big), "headers")]), 30)
+    [letter] = await read_to_end(settings.kafka_bootstrap_servers, dlq)
+    assert letter.value == b"small"
+    assert source_headers(letter) == [("trace", b"t" * 1024), ("x", b"y")]
+    assert dict(letter.headers)[ORIGINAL_SIZE_HEADER] == b"5"
+
+
 async def test_a_dead_letters_own_headers_replace_the_sources_and_its_reason_is_cut(
     settings: Settings, topics: tuple[str, str], producer: AIOKafkaProducer,
 ) -> None:
