@@ -15,10 +15,13 @@ system-deps:
 	@test -x /usr/bin/chromium || { echo "installing chromium for the dashboard test (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# setuptools says "Editable installation." (be careful with folders named like the packages) on
+# every editable install of this layout: information, not a problem, so it is not printed.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,demo]'
+	PYTHONWARNINGS='ignore:Editable installation:UserWarning' \
+	  $(BIN)/python -m pip install -q -e '.[dev,demo]'
 	touch $(STAMP)
 
 install: system-deps $(STAMP)

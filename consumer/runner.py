@@ -51,7 +51,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from consumer import metrics
 from consumer.batch import Parsed, Record
 from consumer.dlq import DeadLetters
-from consumer.fetching import FetchOverBudget, InflateBudget, install, unreadable
+from consumer.fetching import FetchOverBudget, InflateBudget, describe, install, unreadable
 from consumer.kafka import make_dlq_producer, make_kafka_consumer
 from consumer.pause import Pause
 from consumer.writer import BatchWriter, Clock, utc_now
@@ -375,8 +375,8 @@ class GroupConsumer:
         rebalance makes ``getmany`` wait for the new assignment, whose revocation listener
         waits for the lock. A rebalance meanwhile (the epoch moves) ends the careful read: the
         records read are dropped and the listener's positions stand."""
-        log.warning("a fetch failed on a record the Kafka client cannot read (%s: %s); "
-                    "reading partition by partition", type(err).__name__, err)
+        log.warning("a fetch failed on a record the Kafka client cannot read (%s); "
+                    "reading partition by partition", describe(err))
         async with self.lock:
             epoch = self.epoch
             await self._rewind(consumer)
@@ -455,8 +455,7 @@ class GroupConsumer:
             consumer.seek(tp, good)
             reason = (
                 f"the Kafka client cannot read offsets {start}..{good - 1} of this partition "
-                f"({good - start} offsets, skipped unread): {type(err).__name__}: "
-                f"{str(err)[:300]}"
+                f"({good - start} offsets, skipped unread): {describe(err)[:300]}"
             )
             log.error("skipping %s: %s", tp, reason,
                       extra={"topic": tp.topic, "partition": tp.partition, "offset": start})

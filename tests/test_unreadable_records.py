@@ -7,6 +7,13 @@ producer in another language could write them, against one ``usage-metrics consu
 
 The consumer must count every login it can read, skip the smallest unreadable range with one
 dead letter that names it, keep running, and stay within its inflation budget in memory.
+
+Crafted batches (issue 16) that Tansu takes at produce, because it stores a batch without
+inflating or parsing its records: a snappy batch whose xerial block length is -4 (the decoder
+looped for ever on the event loop) and a record whose key claims 2^63 bytes (``OverflowError``,
+which made the consumer exit and restart at the same offset). Tansu refuses codec numbers 5 to 7
+at produce, and batches in the legacy formats: those, and every other damage, are read by the
+consumer's own reader in ``tests/test_crafted_batches.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from aiokafka.record.util import encode_varint
 from sketches.config import Settings
 from sketches.keys import Scope
 from sketches.store import SketchStore
+from tests.support.crafted import RECORDS, key_of_2_63_bytes, xerial_with_block_length
 from tests.support.kafka import read_to_end
 from tests.test_consumer import check_against_oracle, cli, consumer_env, oracle_of, synth
 from usage_metrics.synth import SynthEvent
@@ -106,6 +114,29 @@ async def send_bomb(producer: AIOKafkaProducer, topic: str, partition: int, size
     finally:
         default_records.zstd_encode = real  # type: ignore[attr-defined]
     return offset
+
+
+class CraftedBuilder(_DefaultRecordBatchBuilderPy):
+    """aiokafka's batch builder, handing the producer bytes built by the test instead of its
+    own, as a producer in another language, or a broker that does not validate, would."""
+
+    crafted: bytes
+
+    def build(self) -> bytearray:
+        return bytearray(self.crafted)
+
+
+async def send_crafted(producer: AIOKafkaProducer, topic: str, partition: int,
+                       crafted: bytes) -> int:
+    """Produce ``crafted`` as one batch; returns its first offset."""
+    batch = producer.create_batch()
+    builder = CraftedBuilder(2, 0, is_transactional=0, producer_id=-1, producer_epoch=-1,
+                             base_sequence=0, batch_size=1 << 20)
+    builder.crafted = crafted
+    batch._builder = builder  # type: ignore[attr-defined]
+    assert batch.append(timestamp=None, key=None, value=b"placeholder", headers=[])
+    meta = await (await producer.send_batch(batch, topic, partition=partition))
+    return int(meta.offset)
 
 
 class Consumer:
@@ -257,3 +288,43 @@ async def test_a_fetch_that_would_inflate_beyond_its_budget_is_read_in_smaller_f
     await check_against_oracle(store, oracle_of(events), WS, "exact")
     assert await read_to_end(settings.kafka_bootstrap_servers, dlq) == []
     assert "records at a time" in consumer.output()
+
+
+async def test_crafted_batches_the_broker_took_are_skipped_with_a_dead_letter_each(
+    settings: Settings, store: SketchStore, topics: tuple[str, str],
+    start_consumer: Callable[..., Consumer],
+) -> None:
+    """Through the real broker: a snappy batch whose xerial block length is -4 and a record
+    whose key claims 2^63 bytes, between good logins. Before, the first held the consumer's
+    event loop for good and the second made it exit; now each is one dead letter naming its
+    range and its error, and every good login on both partitions is counted."""
+    topic, dlq = topics
+    before, between, after = (synth(40, WS, seed=s) for s in (51, 52, 53))
+    other = synth(40, WS, seed=54)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        await produce_events(producer, topic, 0, before)
+        snappy = await send_crafted(producer, topic, 0, xerial_with_block_length(-4))
+        await produce_events(producer, topic, 0, between)
+        overflow = await send_crafted(producer, topic, 0, key_of_2_63_bytes())
+        end0 = await produce_events(producer, topic, 0, after)
+        end1 = await produce_events(producer, topic, 1, other)
+    finally:
+        await producer.stop()
+
+    consumer = start_consumer()
+    await wait_applied_alive(store, topic, {0: end0, 1: end1}, consumer)
+    await check_against_oracle(store, oracle_of([*before, *between, *after, *other]), WS, "exact")
+    letters = await read_to_end(settings.kafka_bootstrap_servers, dlq)
+    reasons = {int(dict(r.headers)["dlq.source.offset"]): dict(r.headers)["dlq.reason"].decode()
+               for r in letters}
+    assert len(letters) == 2, reasons
+    assert sorted(reasons) == [snappy, overflow], reasons
+    last = snappy + len(RECORDS) - 1
+    assert f"offsets {snappy}..{last} " in reasons[snappy], reasons
+    assert ("skipped unread): MalformedBatch: a snappy (xerial) block at byte 16 states -4 "
+            "bytes") in reasons[snappy], reasons
+    assert f"offsets {overflow}..{overflow} " in reasons[overflow], reasons
+    assert "skipped unread): OverflowError: " in reasons[overflow], reasons
+    assert consumer.proc.poll() is None
