@@ -110,13 +110,13 @@ class SettingsCache:
     async def _poll(self, now: float) -> None:
         client, keys = self.store.client, self.store.keys
         if self._cursor is None:
-            await self._start_over(await settings_feed.read(client, keys, None), now)
+            await self._start_over(await settings_feed.read_all(client, keys), now)
             return
         read = await settings_feed.read(client, keys, self._cursor)
         if read.mark != self._mark or settings_feed.went_back(read, self._cursor):
             log.warning("the settings feed changed under the consumer (Redis lost it, or it was "
                         "filled again): reading it again and dropping every cached setting")
-            await self._start_over(await settings_feed.read(client, keys, None), now)
+            await self._start_over(await settings_feed.read_all(client, keys), now)
             return
         for scope, number in read.changes.items():
             if number > self._cursor:

@@ -31,6 +31,7 @@ holds.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ COUNTER = "!"
 MARK = "#"
 # Members announced per script call when filling the feed.
 FILL_CHUNK = 500
+# Members per command when the whole feed is read.
+FEED_PAGE = 5000
 # How long one process may fill the feed before another may start over (ms).
 FILL_LOCK_MS = 600_000
 
@@ -86,39 +89,74 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def parse(reply: Any) -> FeedRead:
+def _pairs(reply: Any) -> list[tuple[str, float]]:
     """A ``ZRANGEBYSCORE ... WITHSCORES`` reply (flat, or pairs under RESP3)."""
     items = list(reply or ())
-    pairs: list[tuple[Any, Any]]
+    raw: list[tuple[Any, Any]]
     if items and isinstance(items[0], (list, tuple)):
-        pairs = [(p[0], p[1]) for p in items]
+        raw = [(p[0], p[1]) for p in items]
     else:
-        pairs = list(zip(items[0::2], items[1::2], strict=True))
-    out = FeedRead()
-    for raw_member, raw_score in pairs:
-        member, score = _text(raw_member), float(_text(raw_score))
+        raw = list(zip(items[0::2], items[1::2], strict=True))
+    return [(_text(m), float(_text(s))) for m, s in raw]
+
+
+def _add(out: FeedRead, pairs: Sequence[tuple[str, float]]) -> FeedRead:
+    for member, score in pairs:
         if member == COUNTER:
-            out.counter = score
+            out.counter = max(score, out.counter or score)
         elif member.startswith(MARK):
             out.mark = member
         else:
-            out.changes[parse_feed_member(member)] = score
+            scope = parse_feed_member(member)
+            out.changes[scope] = max(score, out.changes.get(scope, score))
     return out
 
 
-def _bound(cursor: float | None) -> str:
-    if cursor is None:
-        return "-inf"
-    return str(int(cursor)) if cursor.is_integer() else repr(cursor)
+def parse(reply: Any) -> FeedRead:
+    return _add(FeedRead(), _pairs(reply))
 
 
-async def read(client: Any, keys: KeySpace, cursor: float | None) -> FeedRead:
-    """Every member scored at least ``cursor`` (the whole feed for None): one command. The
-    range includes the cursor itself so that an intact feed always returns its counter."""
+def _bound(score: float) -> str:
+    return str(int(score)) if score.is_integer() else repr(score)
+
+
+async def read(client: Any, keys: KeySpace, cursor: float) -> FeedRead:
+    """Every member scored at least ``cursor``: one command. The range includes the cursor
+    itself so that an intact feed always returns its counter."""
     (reply,) = await run_pipeline(
         client, [("ZRANGEBYSCORE", keys.settings_feed(), _bound(cursor), "+inf", "WITHSCORES")]
     )
     return parse(reply)
+
+
+async def read_all(client: Any, keys: KeySpace, page: int = FEED_PAGE) -> FeedRead:
+    """The whole feed, ``page`` members per command: one command over 100,000 members holds
+    Redis for ~45 ms (``bench/settings_memory.py``), a stall every other client would see.
+
+    Paged by score, never by rank: a change moves its scope to a higher number than any read
+    so far, so a page read upwards can meet a moved scope again (the higher number is kept) but
+    never skip one, which a rank-paged read could when a scope below the page moves away. A page
+    ends before its last number (a number can hold up to ``FILL_CHUNK`` scopes), which the next
+    page reads again in full."""
+    feed, out, low = keys.settings_feed(), FeedRead(), "-inf"
+    while True:
+        (reply,) = await run_pipeline(
+            client, [("ZRANGEBYSCORE", feed, low, "+inf", "WITHSCORES", "LIMIT", 0, page)]
+        )
+        pairs = _pairs(reply)
+        last = pairs[-1][1] if pairs else math.inf
+        if len(pairs) < page or math.isinf(last):
+            return _add(out, pairs)
+        below = [p for p in pairs if p[1] < last]
+        if below:
+            _add(out, below)
+            low = _bound(last)
+        else:  # one number fills the page: read all of it
+            (reply,) = await run_pipeline(
+                client, [("ZRANGEBYSCORE", feed, _bound(last), _bound(last), "WITHSCORES")]
+            )
+            _add(out, _pairs(reply))
+            low = "(" + _bound(last)
 
 
 def settings_pattern(keys: KeySpace) -> str:

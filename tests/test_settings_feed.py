@@ -252,7 +252,7 @@ async def test_an_incomplete_feed_reads_each_scope_once_until_filled(
 async def test_only_one_process_fills_at_a_time(fstore: SketchStore) -> None:
     await fstore.client.set(fstore.keys.settings_feed_lock(), "someone")
     assert not await settings_feed.fill(fstore.client, fstore.keys)
-    assert (await settings_feed.read(fstore.client, fstore.keys, None)).mark is None
+    assert (await settings_feed.read_all(fstore.client, fstore.keys)).mark is None
     await fstore.client.delete(fstore.keys.settings_feed_lock())
     assert await settings_feed.fill(fstore.client, fstore.keys)
     assert await fstore.client.exists(fstore.keys.settings_feed_lock()) == 0
@@ -267,8 +267,66 @@ async def test_fill_finds_only_this_prefixs_settings_and_odd_ids(
     async with open_store(feed_settings(own_redis.url, prefix="other")) as other:
         await other.client.set(other.keys.settings(Scope("not", "mine")), b"{}")
         assert await settings_feed.fill(fstore.client, fstore.keys)
-    read = await settings_feed.read(fstore.client, fstore.keys, None)
+    read = await settings_feed.read_all(fstore.client, fstore.keys)
     assert set(read.changes) == set(odd)
+
+
+# ------------------------------------------------------------------ reading the whole feed
+
+
+async def whole(s: SketchStore) -> settings_feed.FeedRead:
+    (reply,) = await run_pipeline(
+        s.client, [("ZRANGEBYSCORE", s.keys.settings_feed(), "-inf", "+inf", "WITHSCORES")])
+    return settings_feed.parse(reply)
+
+
+@hyp_settings(max_examples=40, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(groups=st.lists(st.integers(1, 7), max_size=12), page=st.integers(1, 9),
+       mark=st.booleans())
+def test_a_paged_read_of_the_whole_feed_is_the_whole_feed(
+    own_redis: RedisServer, groups: list[int], page: int, mark: bool
+) -> None:
+    """Announcements of several scopes at once share a number, so pages end inside a number."""
+
+    async def run() -> None:
+        async with open_store(feed_settings(own_redis.url, prefix=f"p{time.time_ns()}")) as s:
+            n = 0
+            for size in groups:
+                await settings_feed.announce(
+                    s.client, s.keys, [Scope("o", f"w{(n + k) % 20}") for k in range(size)])
+                n += size
+            if mark:
+                await settings_feed.fill(s.client, s.keys)
+            assert await settings_feed.read_all(s.client, s.keys, page=page) == await whole(s)
+
+    asyncio.run(run())
+
+
+async def test_a_paged_read_misses_no_scope_that_moves_while_it_pages(
+    fstore: SketchStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scope already read moves to the end between two pages: everything after it shifts one
+    rank down. Paged by rank, the next page would skip a scope; paged by score it cannot."""
+    scopes = [Scope("o", f"w{i}") for i in range(10)]
+    for sc in scopes:
+        await settings_feed.announce(fstore.client, fstore.keys, [sc])
+    real = settings_feed.run_pipeline
+    pages = [0]
+
+    async def between_pages(client: Any, commands: Any) -> Any:
+        result = await real(client, commands)
+        pages[0] += 1
+        if pages[0] == 1:
+            await settings_feed.announce(fstore.client, fstore.keys, [scopes[0], scopes[1]])
+        return result
+
+    monkeypatch.setattr(settings_feed, "run_pipeline", between_pages)
+    got = await settings_feed.read_all(fstore.client, fstore.keys, page=4)
+    monkeypatch.undo()
+    assert set(got.changes) == set(scopes)
+    assert got == await whole(fstore)
+    assert pages[0] > 2
 
 
 # ------------------------------------------------------------------ a lost feed
