@@ -9,7 +9,8 @@ One sorted set (``KeySpace.settings_feed``) holds three kinds of members:
   number of its latest change. A write of a scope's settings is followed by ``announce``: one
   script increments the counter and moves the scope to the new number, atomically, so the
   numbers enter the feed in increasing order. A reader that has seen every member up to number
-  ``m`` has seen every change up to ``m``, and reads ``(m, +inf]`` next time. The settings are
+  ``m`` has seen every change up to ``m``, and reads ``[m, +inf]`` next time (``m`` itself
+  again, so that the counter comes back; members at ``m`` are not news). The settings are
   written *before* the announcement, so a reader that reads a scope's settings after seeing its
   number reads that change or a later one.
 - ``#<epoch>``, the completeness mark, scored ``+inf`` so that every range read returns it: the
@@ -21,6 +22,13 @@ A Redis that lost the feed (flushed, a failover that lost the node) shows as a m
 different epoch, or a counter below the reader's cursor (the counter is returned by the same
 range read, because ``[cursor, +inf]`` holds it while it is at least the cursor): the reader
 starts over. The counter and mark share the feed's key so that one command returns all three.
+
+Limits: a process that dies (or a Redis that fails) between a write and its announcement leaves
+that change unseen until the scope's next announcement: the API answers 503 then, and the same
+``PUT`` or ``PATCH`` sent again announces (a ``PATCH`` that finds nothing to change announces
+stored settings anyway); deleting the feed key makes the consumers fill it again. A Redis
+restored from a snapshot older than a reader's cursor is noticed by the counter going back,
+unless more changes than it lost are written before the reader's next poll.
 
 Memory: one member per scope with settings, not per workspace. Written settings are never
 deleted (``sketches.store.KEPT_SUFFIXES``), and workspaces without data are bounded per org
