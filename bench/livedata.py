@@ -160,11 +160,11 @@ def history(
 
 
 def key_kind(key: str, workspace_prefix: str) -> str:
-    """Sketch key, stored result (change stamps, counter, stored results) or something else
-    (version token, settings) for a key of one workspace's hash tag."""
+    """Sketch key, stored result (its bookkeeping: the meta hash, and stored results) or
+    something else (settings) for a key of one workspace's hash tag."""
     rest = key[len(workspace_prefix):].split(":")
     if len(rest) >= 2 and rest[0] in ("hll", "set"):
-        if rest[1] in ("stamps", "seq", "result"):
+        if rest[1] in ("meta", "result"):
             return STORED
         if len(rest) >= 3 and len(rest[1]) == 1 and rest[1].isalpha():
             return SKETCH

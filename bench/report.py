@@ -633,7 +633,7 @@ def _live(s: dict[str, Any], cfg: dict[str, Any]) -> str:
         lines.append("")
         lines.append(
             "`MEMORY USAGE … SAMPLES 0` after the queries were served; stored results = the "
-            "hash tag's `hll:stamps`, `hll:seq` and `hll:result:*` keys, sketches = its "
+            "hash tag's `hll:meta` and `hll:result:*` keys, sketches = its "
             "`hll:<period letter>:<label>` keys"
             + (f"; {mem['tags_with_stored']} tags hold stored results, the costliest "
                f"{mem['worst']['tag']} at {_pct(mem['worst']['share'])}." if mem["worst"]

@@ -73,7 +73,7 @@ import itertools
 import secrets
 import time as time_module
 from collections import Counter, deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import date
 from typing import Any, Literal, TypeAlias
 
@@ -245,6 +245,8 @@ class SketchStore(abc.ABC):
         self.keys = keys
         self.retention_days = retention_days
         self.cluster = isinstance(client, RedisCluster)
+        # Scopes share a write call only within a slot on a cluster (CROSSSLOT otherwise).
+        self.group_by_slot = self.cluster
         # Every offset record key starts with this (the part before its hash tag).
         sample = keys.offsets("t", 0)
         self._record_head = sample[: sample.index("{")]
@@ -252,6 +254,8 @@ class SketchStore(abc.ABC):
     _add_verb: str = "PFADD"
     members_per_call: int = MEMBERS_PER_CALL
     """Members per write script call (``sketches.writes``); tests lower it to split batches."""
+    clock: Callable[[], float] = staticmethod(time_module.time)
+    """What a write takes as now (which keys are past their deadline): tests move it."""
 
     @abc.abstractmethod
     def _count_command(self, key: str) -> tuple[Any, ...]: ...
@@ -271,8 +275,7 @@ class SketchStore(abc.ABC):
         Raises ``RebuildInterrupted`` when a rebuild's generation is no longer the one being
         filled (cancelled, or taken over by another rebuild).
         """
-        return await self._add_grouped(group_by_scope(batch), after, time_module.time(),
-                                       building)
+        return await self._add_grouped(group_by_scope(batch), after, self.clock(), building)
 
     async def add_by_day(
         self,
@@ -285,8 +288,7 @@ class SketchStore(abc.ABC):
         """``add`` of members per (scope, local day), each also counted in its week (by the
         scope's week start) and month: the consumer's batches, each member sent once
         (``sketches.writes.by_day``)."""
-        now = time_module.time()
-        return await self._add_grouped(by_day(days, week_starts), after, now, building)
+        return await self._add_grouped(by_day(days, week_starts), after, self.clock(), building)
 
     def _slot_of(self, scope: Scope) -> int:
         return _scope_slot(self.keys.hash_tag(scope))
@@ -298,7 +300,7 @@ class SketchStore(abc.ABC):
         batch_calls = calls(
             WRITE_SHA, self.keys, grouped, retention_days=self.retention_days, now=now,
             token=new_token(), command=self._add_verb, building=building,
-            slot_of=self._slot_of if self.cluster else None, limit=self.members_per_call,
+            slot_of=self._slot_of if self.group_by_slot else None, limit=self.members_per_call,
         )
         commands = [c.command for c in batch_calls]
         try:

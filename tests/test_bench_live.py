@@ -59,9 +59,9 @@ def test_key_kind_sorts_a_workspace_keys() -> None:
         key = ks.sketch(ws, period)
         assert livedata.key_kind(key, head) == livedata.SKETCH
         assert livedata.hash_tag(key, "lv") == ks.hash_tag(ws)
-    for name in ("hll:stamps", "hll:seq", "hll:result:730:rolling"):
+    for name in ("hll:meta", "hll:result:v1"):
         assert livedata.key_kind(head + name, head) == livedata.STORED
-    assert livedata.key_kind(ks.version(ws), head) == livedata.OTHER
+    assert livedata.key_kind(ks.meta(ws), head) == livedata.STORED
     assert livedata.key_kind(ks.settings(ws), head) == livedata.OTHER
     assert livedata.hash_tag(ks.offsets("t", 0), "lv") is None
 

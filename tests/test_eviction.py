@@ -326,6 +326,7 @@ async def test_a_batch_refused_in_any_call_records_no_offset(
     days = {(small, TODAY): {"a", "b"}, (big, TODAY): long_subjects(1500, "big")}
     starts = {small: "monday", big: "monday"}
     record = store.keys.offsets("metrics", 0)
+    store.members_per_call = 1500  # the small scope's call, then the big one's
     await fill(admin, leave=200_000)
     with pytest.raises(StoreOutOfMemory):
         await store.add_by_day(days, starts, [("SET", record, 99)])  # type: ignore[arg-type]

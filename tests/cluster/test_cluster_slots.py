@@ -31,7 +31,7 @@ from sketches.connection import open_store
 from sketches.keys import KeySpace, Scope
 from sketches.periods import Period, day_of, periods_holding
 from sketches.query import Metric, Window, usage
-from sketches.results import Answers
+from sketches.results import PRESENCE_SCRIPT, STATE_SCRIPT, Answers
 from sketches.results import Query as AnswerQuery
 from sketches.store import (
     ExactStore,
@@ -107,6 +107,7 @@ KEY_ARGS: Mapping[str, slice] = {
     "PFCOUNT": slice(1, None), "GET": slice(1, 2), "SCARD": slice(1, 2),
     "SMEMBERS": slice(1, 2), "PFADD": slice(1, 2), "SADD": slice(1, 2),
     "EXPIREAT": slice(1, 2), "SET": slice(1, 2), "HMGET": slice(1, 2), "PTTL": slice(1, 2),
+    "HGET": slice(1, 2),
 }
 EMPTY_REPLY: Mapping[str, Any] = {"PFCOUNT": 0, "SCARD": 0, "GET": None, "SMEMBERS": set()}
 
@@ -126,12 +127,18 @@ def reply_to(cmd: tuple[Any, ...]) -> Any:
     """An empty store's answer; a script (the store's per-key loop) answers per key for the
     command it was given as its last argument."""
     name = str(cmd[0]).upper()
-    if name == "EVALSHA":  # the write script (sketches.writes): the keys that failed, none
-        return []
+    if name == "EVALSHA":  # the write script (sketches.writes): no key failed, none refused
+        return [[], []]
+    if name == "EVAL" and cmd[1] == STATE_SCRIPT:  # a scope's meta, no result, no key present
+        return [[b"e", b"epoch", b"n", b"3"], None, "0" * (int(cmd[2]) - 2), 1_900_000_000_000]
+    if name == "EVAL" and cmd[1] == PRESENCE_SCRIPT:
+        return "0" * int(cmd[2])
     if name in SCRIPTS:
         return [EMPTY_REPLY[str(cmd[-1]).upper()] for _ in range(int(cmd[2]))]
-    if name == "HMGET":  # a scope's seq counter and epoch: written to, so results are stored
-        return [b"3", b"epoch"]
+    if name == "HMGET":  # a scope's epoch and counter: written to, so results are stored
+        return [b"epoch", b"3"]
+    if name == "HGET":  # the epoch again, after the recompute: no rebuild switched meanwhile
+        return b"epoch"
     return EMPTY_REPLY.get(name, 1)
 
 
@@ -171,6 +178,7 @@ def recording_store(kind: str) -> tuple[SketchStore, RecordingClient]:
     else:
         rolling = "server" if kind == "hll-server" else "client"
         store = HllStore(client, keys, 800, rolling)  # type: ignore[arg-type]
+    store.group_by_slot = True  # as on a cluster: a write call carries one slot's scopes
     return store, client
 
 

@@ -48,6 +48,7 @@ CLIENTS = 16
 # The issue asks for 60 s; 20 s keeps the whole fault suite within its time budget, and on this
 # 2-core machine it already runs over a thousand checked requests of every shape.
 LOAD_SECONDS = 20.0
+MIN_REQUESTS = 24
 PERIODS = (0, 1, 6, 30, 90, 365, 730)
 ENDS = (0, 1, 10, 100)  # days before today
 METRIC_SETS: tuple[tuple[str, ...] | None, ...] = (
@@ -229,7 +230,11 @@ async def test_sixteen_clients_mixed_shapes_no_error_flat_memory_pool_back_to_id
 
         async def worker(i: int) -> None:
             rng = random.Random(i)
-            while time.monotonic() < deadline:
+            done = 0
+            # For the run's length, and at least MIN_REQUESTS each: the counts below then hold
+            # however slow a loaded machine is (no throughput is asserted).
+            while time.monotonic() < deadline or done < MIN_REQUESTS:
+                done += 1
                 # Half the requests are cancelled by the client at a random moment in flight:
                 # each on a connection of its own that hangs up with it. (On the shared pool,
                 # httpcore 1.0.9 kept some cancelled requests' connections checked out: the
@@ -250,8 +255,8 @@ async def test_sixteen_clients_mixed_shapes_no_error_flat_memory_pool_back_to_id
         await asyncio.gather(sampler(), *(worker(i) for i in range(CLIENTS)))
 
     assert not tally.failures, "\n".join(tally.failures)
-    assert tally.ok > 200, tally
-    assert tally.cancelled > 100, tally
+    assert tally.ok >= CLIENTS * MIN_REQUESTS // 4, tally
+    assert tally.cancelled > CLIENTS * MIN_REQUESTS // 8, tally
     assert api.alive(), api.output()
 
     # Memory: the process does not grow between a quarter of the run and its end.
