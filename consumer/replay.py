@@ -16,7 +16,7 @@ Bad messages are counted but not dead-lettered again: the live consumer already 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -105,6 +105,7 @@ async def replay(
     progress: Progress | None = None,
     clock: Clock = utc_now,
     only: Scope | None = None,
+    building: Mapping[Scope, int] | None = None,
 ) -> ReplayStats:
     """Re-read from ``start`` to the end as it stands now; ``only`` rebuilds one workspace."""
     consumer = make_kafka_consumer(settings, group_id=None)
@@ -122,7 +123,7 @@ async def replay(
         first = {tp: await consumer.position(tp) for tp in tps}
         hw_seen: set[TopicPartition] = set()
         total = sum(max(0, stop_at[tp] - first[tp]) for tp in tps)
-        writer = BatchWriter(settings, store, None, clock, only)
+        writer = BatchWriter(settings, store, None, clock, only, building=building)
         done = 0
         budget = InflateBudget(settings.consumer_max_fetch_inflated_bytes)
         install(budget)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -65,6 +65,7 @@ class BatchWriter:
         clock: Clock = utc_now,
         only: Scope | None = None,
         pause: Pause | None = None,
+        building: Mapping[Scope, int] | None = None,
     ) -> None:
         self.settings = settings
         # Why the writer waits (a full Redis), for readiness and the stall watchdog.
@@ -74,6 +75,8 @@ class BatchWriter:
         self.rules = rules_from(settings)
         self.clock = clock
         self.only = only
+        # A rebuild's generations: its writes go to them only (``SketchStore.begin_rebuild``).
+        self.building = building
         self.workspace_settings = SettingsCache(
             store, settings.default_timezone, settings.settings_cache_seconds
         )
@@ -114,7 +117,7 @@ class BatchWriter:
                 after, deferred[:] = offsets, []
             # After the sketches, on the same connection: the applied offsets.
             return prepared, await self.store.add_by_day(
-                prepared.days, prepared.week_starts, after
+                prepared.days, prepared.week_starts, after, building=self.building
             )
 
         stored = await self._retrying("storing the batch", store_batch, should_stop)

@@ -47,3 +47,13 @@ class StoreMisconfigured(UsageMetricsError):
     """Redis cannot be used as configured, and retrying will not change that: ``REDIS_URL`` is
     unusable, the server's TLS certificate is not trusted, or it refuses the credentials. The
     message says which, and never holds a secret."""
+
+
+class RebuildRunning(UsageMetricsError):
+    """A scope's rebuild is already under way (or one stopped before it finished); starting
+    another would mix two generations. ``take_over`` replaces it."""
+
+
+class RebuildInterrupted(UsageMetricsError):
+    """A rebuild's generation is no longer the one being filled (cancelled, or taken over by
+    another rebuild): its writes and its switch are refused, and the live sketches stay."""

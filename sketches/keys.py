@@ -104,14 +104,28 @@ class KeySpace:
     def sketch(self, ws: Scope, period: Period) -> str:
         return _sketch_key(self.prefix, self.mode, ws, period)
 
-    def seq(self, ws: Scope) -> str:
-        """A counter the write path increments once per batch that touches the scope; its value
-        stamps the days that batch wrote (``sketches.results``)."""
-        return f"{self.workspace_prefix(ws)}{self.kind}:seq"
+    def meta(self, ws: Scope) -> str:
+        """The scope's write bookkeeping, one hash (``sketches.writes``): its epoch ``e``, its
+        counter ``n``, the stamp of each local day written (field = the day's ordinal), and
+        ``b``, the generation a rebuild is filling."""
+        return f"{self.workspace_prefix(ws)}{self.kind}:meta"
 
-    def stamps(self, ws: Scope) -> str:
-        """The per-day change stamps of the scope: a ring of u32 ``seq`` values (``BITFIELD``)."""
-        return f"{self.workspace_prefix(ws)}{self.kind}:stamps"
+    def building(self, ws: Scope, period: Period, generation: int) -> str:
+        """A sketch of a rebuild's generation: the live key's name with ``~<generation>`` after
+        the mode (``um:{acme:ws-1}:hll~3:d:2026-11-24``), so readers never see it."""
+        live = self.sketch(ws, period)
+        head = self.sketch_head(ws)
+        return f"{head}~{generation}{live[len(head):]}"
+
+    def registry(self, ws: Scope, generation: int) -> str:
+        """The set of a rebuild generation's sketch keys (the write script adds each one it
+        creates), which the switch renames to their live names."""
+        return f"{self.sketch_head(ws)}~{generation}:keys"
+
+    def sketch_head(self, ws: Scope) -> str:
+        """What every live sketch key of the scope starts with, up to its mode: the write
+        script inserts a generation there."""
+        return f"{self.workspace_prefix(ws)}{self.kind}"
 
     def result(self, ws: Scope, variant: str) -> str:
         """A stored result of the scope (``variant`` names its timezone and week start)."""
@@ -119,11 +133,6 @@ class KeySpace:
 
     def settings(self, ws: Scope) -> str:
         return f"{self.workspace_prefix(ws)}settings"
-
-    def version(self, ws: Scope) -> str:
-        """A token the consumer replaces after every batch that writes this workspace's
-        sketches; an API result cached under the same token cannot be stale."""
-        return f"{self.workspace_prefix(ws)}{self.kind}:version"
 
     def offsets(self, topic: str, partition: int) -> str:
         """How far the store has applied one partition (the next offset to read).

@@ -79,11 +79,12 @@ import numpy as np
 import numpy.typing as npt
 
 from sketches.admission import Admission
-from sketches.errors import CorruptSketch
-from sketches.keys import Scope
+from sketches.errors import CorruptSketch, QueryBusy, StoreUnavailable, UsageMetricsError
+from sketches.keys import KeySpace, Scope
 from sketches.periods import (
     Granularity,
     Period,
+    WeekStart,
     day_of,
     month_of,
     week_granularity,
@@ -100,7 +101,6 @@ from sketches.query import (
 )
 from sketches.scope_settings import Resolved, ScopeSettings, decode_scope, resolve
 from sketches.store import SketchStore, run_pipeline
-from sketches.writes import STAMP_RING
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,13 @@ SAFE_MARGIN = MONTH_DAYS + 2
 reaches a day whose key may have expired (2 days of slack for zones far from UTC)."""
 MISSING = -1
 """An entry never computed (a new day, or a span that moved)."""
-UNSEEN = np.uint32(0xFFFFFFFF)
-"""The stamp recorded for an input day never looked at: it equals no stamp, so it marks change."""
+UNSEEN = np.uint64(0xFFFFFFFFFFFFFFFF)
+"""The token recorded for an input day never looked at: it equals no token (a stamp is below
+2**63, so twice it plus one bit is at most 2**64 - 2), so it marks change."""
+RECHECKS = 3
+"""Attempts at an answer whose scope switched generation (a rebuild) while it was computed."""
 
-_MAGIC = b"UMR1"
+_MAGIC = b"UMR2"
 _HEADER = struct.Struct("<4sQiiH")  # magic, seq, first entry ordinal, entries, variant length
 
 
@@ -159,7 +162,7 @@ class Stored:
     seq: int
     first: date
     values: npt.NDArray[np.int64]  # (5, n)
-    seen: npt.NDArray[np.uint32]  # (5, n + LEAD + TAIL)
+    seen: npt.NDArray[np.uint64]  # (5, n + LEAD + TAIL)
 
     @property
     def n(self) -> int:
@@ -172,7 +175,7 @@ class Stored:
             seq,
             first,
             np.full((len(Column), n), MISSING, dtype=np.int64),
-            np.full((len(Column), n + LEAD + TAIL), UNSEEN, dtype=np.uint32),
+            np.full((len(Column), n + LEAD + TAIL), UNSEEN, dtype=np.uint64),
         )
 
     def moved_to(self, first: date, n: int) -> Stored:
@@ -192,7 +195,7 @@ class Stored:
     def encode(self) -> bytes:
         variant = self.variant.encode()
         body = zlib.compress(
-            self.values.astype("<i8").tobytes() + self.seen.astype("<u4").tobytes(), 1
+            self.values.astype("<i8").tobytes() + self.seen.astype("<u8").tobytes(), 1
         )
         head = _HEADER.pack(_MAGIC, self.seq, self.first.toordinal(), self.n, len(variant))
         return head + variant + body
@@ -210,23 +213,87 @@ class Stored:
             k = len(Column)
             vsize = k * n * 8
             values = np.frombuffer(body[:vsize], dtype="<i8").reshape(k, n).astype(np.int64)
-            seen = np.frombuffer(body[vsize:], dtype="<u4").reshape(k, n + LEAD + TAIL)
-            return cls(variant, seq, date.fromordinal(first), values, seen.astype(np.uint32))
+            seen = np.frombuffer(body[vsize:], dtype="<u8").reshape(k, n + LEAD + TAIL)
+            return cls(variant, seq, date.fromordinal(first), values, seen.astype(np.uint64))
         except (struct.error, ValueError, zlib.error, UnicodeDecodeError, OverflowError):
             return None
 
 
-def stamps_on(raw: bytes | None, first: date, count: int) -> npt.NDArray[np.uint32]:
-    """The current stamp of each of ``count`` days from ``first``, from the ring's raw bytes
-    (``BITFIELD`` u32 are big-endian; a ring shorter than full reads as zeros there)."""
-    ring = np.zeros(STAMP_RING, dtype=np.uint32)
-    if raw:
-        body = bytes(raw[: 4 * STAMP_RING])
-        body += b"\0" * (-len(body) % 4)
-        got = np.frombuffer(body, dtype=">u4")
-        ring[: got.size] = got
-    slots = (np.arange(count, dtype=np.int64) + first.toordinal()) % STAMP_RING
-    return ring[slots]
+def stamps_from(meta: dict[int, int], first: date, count: int) -> npt.NDArray[np.uint64]:
+    """The current stamp of each of ``count`` days from ``first`` (0 for a day never stamped),
+    from the day fields of the scope's ``meta`` hash."""
+    out = np.zeros(count, dtype=np.uint64)
+    lo = first.toordinal()
+    for ordinal, stamp in meta.items():
+        if lo <= ordinal < lo + count:
+            out[ordinal - lo] = stamp
+    return out
+
+
+@dataclass(frozen=True)
+class Span:
+    """The sketch keys a stored result depends on: every input day's, and every week's and
+    month's that holds one, with the position of each day's week and month among them. Their
+    presence is part of what a result was computed from: a key that vanished (eviction, a
+    deletion, a Redis that lost it) changes the answer as surely as a write does."""
+
+    keys: tuple[str, ...]
+    days: int
+    week_of: npt.NDArray[np.intp]
+    month_of: npt.NDArray[np.intp]
+
+    def tokens(
+        self, stamps: npt.NDArray[np.uint64], presence: bytes
+    ) -> dict[Column, npt.NDArray[np.uint64]]:
+        """What each column's entries were computed from, per input day: the day's stamp and
+        whether the key the column reads for that day exists (the day's own key for DAU and
+        the rolling columns, its week's or month's for the calendar ones)."""
+        bits = np.frombuffer(presence, dtype=np.uint8) - ord("0")
+        if bits.size != len(self.keys):
+            bits = np.zeros(len(self.keys), dtype=np.uint8)
+        twice = stamps * np.uint64(2)
+        day = twice + bits[: self.days].astype(np.uint64)
+        week = twice + bits[self.week_of].astype(np.uint64)
+        month = twice + bits[self.month_of].astype(np.uint64)
+        return {Column.DAU: day, Column.ROLL7: day, Column.ROLL30: day, Column.WEEK: week,
+                Column.MONTH: month}
+
+
+@functools.lru_cache(maxsize=1024)
+def span_of(
+    keys: KeySpace, scope: Scope, input_first: date, count: int, week_start: WeekStart
+) -> Span:
+    days = [input_first + timedelta(days=i) for i in range(count)]
+    weeks: dict[Period, int] = {}
+    months: dict[Period, int] = {}
+    week_of = np.empty(count, dtype=np.intp)
+    month_of_day = np.empty(count, dtype=np.intp)
+    for i, d in enumerate(days):
+        w = week_starting(week_start, d)
+        m = month_of(d)
+        week_of[i] = count + weeks.setdefault(w, len(weeks))
+        month_of_day[i] = months.setdefault(m, len(months))
+    month_of_day += count + len(weeks)
+    names = [keys.sketch(scope, day_of(d)) for d in days]
+    names += [keys.sketch(scope, w) for w in weeks]
+    names += [keys.sketch(scope, m) for m in months]
+    return Span(tuple(names), count, week_of, month_of_day)
+
+
+PRESENCE_SCRIPT = (
+    "local out = {} for i, k in ipairs(KEYS) do out[i] = redis.call('EXISTS', k) end "
+    "return table.concat(out)"
+)
+"""Whether each key exists, as one string of 0s and 1s: one reply, whatever the key count."""
+
+STATE_SCRIPT = """
+local out = {}
+for i = 3, #KEYS do out[i - 2] = redis.call('EXISTS', KEYS[i]) end
+return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]), table.concat(out),
+        redis.call('PTTL', KEYS[1])}
+"""
+"""A scope's ``meta`` (epoch, counter, day stamps), its stored result, and which of its span's
+keys exist, read in one atomic step: what the recompute starts from."""
 
 
 def window_any(changed: npt.NDArray[np.bool_], width: int) -> npt.NDArray[np.bool_]:
@@ -251,7 +318,7 @@ def period_ids(first: date, count: int, granularity: Granularity) -> npt.NDArray
 
 
 def invalid_entries(
-    column: Column, seen: npt.NDArray[np.uint32], current: npt.NDArray[np.uint32],
+    column: Column, seen: npt.NDArray[np.uint64], current: npt.NDArray[np.uint64],
     values: npt.NDArray[np.int64], input_first: date, week: Granularity,
 ) -> npt.NDArray[np.bool_]:
     """Entries of one column whose inputs changed since they were computed, or never were."""
@@ -331,59 +398,97 @@ class Query:
 
 @dataclass
 class Snapshot:
-    """What one round trip read about a scope: settings, version, ``seq``, stamps, result."""
+    """What the first round trip read about a scope: its settings, epoch and counter, and which
+    keys of the span it was last answered over exist (``presence``, None if not read)."""
 
     scope: Scope
     settings: ScopeSettings
     config: Resolved
-    version: bytes | None
+    epoch: str | None
     seq: int | None
-    epoch: str
     seq_ttl_ms: int
-    stamps: bytes | None
-    stored: bytes | None
+    span_id: Hashable | None = None
+    presence: bytes | None = None
+
+    @property
+    def version(self) -> tuple[str, int] | None:
+        """The scope's state as writes left it: every write bumps the counter and a rebuild's
+        switch (or a counter that started again) changes the epoch, so one version is one state
+        of the sketches, unless keys vanished, which ``presence`` tells."""
+        if self.epoch is None or self.seq is None:
+            return None
+        return (self.epoch, self.seq)
 
 
 @dataclass
 class Counters:
-    """How many answers were computed directly from the sketches, not from stored results (the
-    tests watch which path an answer took)."""
+    """How many answers were computed directly from the sketches, not from stored results, and
+    how many were started again because the scope switched generation meanwhile (the tests
+    watch which path an answer took)."""
 
     direct: int = 0
+    restarted: int = 0
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    version: tuple[str, int]
+    span_id: Hashable
+    presence: bytes
+    body: bytes
 
 
 class ResultCache:
-    """Rendered responses per process, served only under the very same version token.
-
-    Every batch the consumer writes replaces the version token of each scope it touched (a
-    random value, atomically with the sketches), so a body cached under the same token cannot be
-    stale; scopes never written have no token and are never cached. Bounded, least recently used
-    first."""
+    """Rendered responses per process, served only for the very same state of the scope: the
+    same version (epoch and counter) and the same keys present in the span it was computed
+    over. Scopes never written have no version and are never cached. Bounded, least recently
+    used first."""
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[Hashable, tuple[bytes, bytes]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, CacheEntry] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable, version: bytes | None) -> bytes | None:
+    def get(self, key: Hashable, snap: Snapshot) -> bytes | None:
+        version = snap.version
         if version is None or self.max_entries <= 0:
             return None
         entry = self._entries.get(key)
-        if entry is None or entry[0] != version:
+        if (
+            entry is None
+            or entry.version != version
+            or entry.span_id != snap.span_id
+            or snap.presence is None
+            or entry.presence != snap.presence
+        ):
             self.misses += 1
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        return entry[1]
+        return entry.body
 
-    def put(self, key: Hashable, version: bytes | None, body: bytes) -> None:
-        if version is None or self.max_entries <= 0:
+    def put(self, key: Hashable, entry: CacheEntry) -> None:
+        if self.max_entries <= 0:
             return
-        self._entries[key] = (version, body)
+        self._entries[key] = entry
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+
+class Restart(Exception):
+    """The scope switched generation (a rebuild) while an answer was computed from it."""
+
+
+@dataclass
+class Computed:
+    """A series, and the state it was computed from when that state can be cached."""
+
+    series: Series
+    version: tuple[str, int] | None = None
+    span_id: Hashable | None = None
+    presence: bytes | None = None
 
 
 class Answers:
@@ -409,37 +514,39 @@ class Answers:
         self.cache = ResultCache(cache_entries)
         self.counters = Counters()
         self._pending: dict[Scope, asyncio.Task[list[Any]]] = {}
+        # The span each scope was last answered over: the first round trip checks its keys.
+        self._spans: OrderedDict[Scope, tuple[Hashable, Span]] = OrderedDict()
 
     async def snapshot(self, scope: Scope) -> Snapshot:
+        """Settings, epoch, counter, and (for a scope answered before) whether the keys of its
+        last span still exist: all a repeated request needs to prove its cached body current,
+        in one round trip."""
         await self._settled(scope)
         keys = self.store.keys
-        variant_key = keys.result(scope, "v1")
-        raw = await run_pipeline(
-            self.store.client,
-            [
-                ("GET", keys.settings(scope)),
-                ("GET", keys.version(scope)),
-                ("HMGET", keys.seq(scope), "n", "epoch"),
-                ("PTTL", keys.seq(scope)),
-                ("GET", keys.stamps(scope)),
-                ("GET", variant_key),
-            ],
-        )
-        settings_raw, version, seq, ttl, stamps, stored = (
-            None if isinstance(r, BaseException) else r for r in raw
-        )
-        count, epoch = seq if isinstance(seq, list) and len(seq) == 2 else (None, None)
+        commands: list[tuple[Any, ...]] = [
+            ("GET", keys.settings(scope)),
+            ("HMGET", keys.meta(scope), "e", "n"),
+            ("PTTL", keys.meta(scope)),
+        ]
+        last = self._spans.get(scope)
+        if last is not None:
+            commands.append(("EVAL", PRESENCE_SCRIPT, len(last[1].keys), *last[1].keys))
+        raw = await run_pipeline(self.store.client, commands)
+        settings_raw, meta, ttl = (None if isinstance(r, BaseException) else r for r in raw[:3])
+        epoch, count = meta if isinstance(meta, list) and len(meta) == 2 else (None, None)
         settings = decode_scope(settings_raw, scope, self.default_timezone)
+        presence: bytes | None = None
+        if last is not None and isinstance(raw[3], bytes | str):
+            presence = raw[3].encode() if isinstance(raw[3], str) else raw[3]
         return Snapshot(
             scope=scope,
             settings=settings,
             config=resolve(settings),
-            version=version,
+            epoch=_text_or_none(epoch) if count is not None else None,
             seq=int(count) if count is not None else None,
-            epoch=epoch.decode() if isinstance(epoch, bytes) else str(epoch or ""),
             seq_ttl_ms=int(ttl) if ttl is not None else -2,
-            stamps=stamps,
-            stored=stored,
+            span_id=last[0] if last is not None else None,
+            presence=presence,
         )
 
     def horizon(self, today: date) -> date:
@@ -454,26 +561,46 @@ class Answers:
     ) -> tuple[bytes, bool]:
         """The rendered body, and whether it came from the process cache."""
         cache_key = (snap.scope, snap.config.variant, query, render_kind)
-        cached = self.cache.get(cache_key, snap.version)
+        cached = self.cache.get(cache_key, snap)
         if cached is not None:
             return cached, True
-        body = render(await self.series(snap, query))
-        self.cache.put(cache_key, snap.version, body)
+        computed = await self.computed(snap, query)
+        body = render(computed.series)
+        if computed.version is not None and computed.span_id is not None \
+                and computed.presence is not None:
+            self.cache.put(cache_key, CacheEntry(
+                computed.version, computed.span_id, computed.presence, body))
         return body, False
 
     async def rows(self, snap: Snapshot, query: Query) -> list[UsageRow]:
         return (await self.series(snap, query)).rows()
 
     async def series(self, snap: Snapshot, query: Query) -> Series:
+        return (await self.computed(snap, query)).series
+
+    async def computed(self, snap: Snapshot, query: Query) -> Computed:
+        """The answer, computed again from a fresh look at the scope if a rebuild switched it
+        meanwhile: an answer never mixes two generations' sketches."""
+        for attempt in range(RECHECKS):
+            try:
+                return await self._computed(snap, query)
+            except Restart:
+                self.counters.restarted += 1
+                if attempt == RECHECKS - 1:
+                    break
+                snap = await self.snapshot(snap.scope)
+        raise QueryBusy("the workspace was being switched to a rebuilt generation: try again")
+
+    async def _computed(self, snap: Snapshot, query: Query) -> Computed:
         wanted = query.metrics or ALL_METRICS
         start = query.end - timedelta(days=query.period_length)
         horizon = self.horizon(query.today)
         if snap.seq is not None and start >= horizon + timedelta(days=SAFE_MARGIN):
             try:
-                stored = await self._refresh(
+                stored, state = await self._refresh(
                     snap, query, horizon, columns_for(wanted, query.window)
                 )
-                return render_series(stored, query, wanted)
+                return Computed(render_series(stored, query, wanted), *state)
             except CorruptSketch as err:
                 # A stored column spans every day, so one damaged key would refuse the whole
                 # scope: compute just the requested rows instead, which fails only if they
@@ -483,11 +610,22 @@ class Answers:
         self.counters.direct += 1
         reads = query.period_length + 1 + (MONTH_DAYS if query.window is Window.ROLLING else 0)
         async with self._slot(snap.scope, reads):
-            return Series.of_rows(await usage(
+            rows = await usage(
                 self.store, snap.scope, end=query.end, period_length=query.period_length,
                 metrics=wanted, window=query.window, horizon=horizon,
                 week_start=snap.config.week_start,
-            ))
+            )
+        await self._recheck(snap.scope, snap.epoch)
+        return Computed(Series.of_rows(rows))
+
+    async def _recheck(self, scope: Scope, epoch: str | None) -> None:
+        """Raise ``Restart`` if the scope's epoch changed since ``epoch`` was read: a rebuild
+        switched generation (and deletes the old one) while this answer read sketches."""
+        [now] = await run_pipeline(self.store.client, [("HGET", self.store.keys.meta(scope), "e")])
+        if isinstance(now, BaseException):
+            raise StoreUnavailable(str(now))
+        if _text_or_none(now) != epoch:
+            raise Restart()
 
     def _slot(self, scope: Scope, reads: int) -> contextlib.AbstractAsyncContextManager[None]:
         """A heavy computation's fair place among this process's slots (sketches.admission)."""
@@ -495,34 +633,57 @@ class Answers:
 
     async def _refresh(
         self, snap: Snapshot, query: Query, horizon: date, columns: list[Column]
-    ) -> Stored:
-        assert snap.seq is not None
-        # The epoch of the counter belongs to the variant: a counter that started again is
-        # another series of stamps altogether.
-        variant = f"{snap.config.variant}#{snap.epoch}"
+    ) -> tuple[Stored, tuple[tuple[str, int] | None, Hashable, bytes]]:
         n = (query.today - horizon).days + 1
-        stored = Stored.decode(snap.stored) if snap.stored else None
-        if stored is None or stored.variant != variant or stored.seq > snap.seq:
-            stored = Stored.empty(variant, snap.seq, horizon, n)
+        input_first = horizon - timedelta(days=LEAD)
+        span = span_of(self.store.keys, snap.scope, input_first, n + LEAD + TAIL,
+                       snap.config.week_start)
+        span_id = (snap.config.variant, input_first, n)
+        keys = self.store.keys
+        [state] = await run_pipeline(self.store.client, [(
+            "EVAL", STATE_SCRIPT, 2 + len(span.keys), keys.meta(snap.scope),
+            keys.result(snap.scope, "v1"), *span.keys,
+        )])
+        if isinstance(state, BaseException):
+            raise state if isinstance(state, UsageMetricsError) else StoreUnavailable(str(state))
+        fields, raw_stored, presence_raw, ttl = state
+        presence = presence_raw.encode() if isinstance(presence_raw, str) else bytes(presence_raw)
+        meta = _meta_fields(fields)
+        epoch = _text_or_none(meta.get("e"))
+        seq = meta.get("n")
+        if epoch is None or seq is None:
+            raise Restart()  # the scope's meta went since the snapshot: look again
+        seq_n = int(seq)
+        # The epoch belongs to the variant: a counter that started again, or a rebuilt
+        # generation, is another series of stamps altogether.
+        variant = f"{snap.config.variant}#{epoch}"
+        stored = Stored.decode(raw_stored) if raw_stored else None
+        if stored is None or stored.variant != variant or stored.seq > seq_n:
+            stored = Stored.empty(variant, seq_n, horizon, n)
         elif stored.first != horizon or stored.n != n:
             stored = stored.moved_to(horizon, n)
-        input_first = horizon - timedelta(days=LEAD)
-        current = stamps_on(snap.stamps, input_first, n + LEAD + TAIL)
+        current = span.tokens(stamps_from(_day_stamps(meta), input_first, span.days), presence)
+        self._spans[snap.scope] = (span_id, span)
+        self._spans.move_to_end(snap.scope)
+        while len(self._spans) > max(self.cache.max_entries, 1):
+            self._spans.popitem(last=False)
+        cached_state = ((epoch, seq_n), span_id, presence)
         week = week_granularity(snap.config.week_start)
         invalid = {
-            c: invalid_entries(c, stored.seen[c], current, stored.values[c], input_first, week)
+            c: invalid_entries(c, stored.seen[c], current[c], stored.values[c], input_first, week)
             for c in columns
         }
         todo = {c: np.flatnonzero(mask) for c, mask in invalid.items() if mask.any()}
         if not todo:
-            return stored
+            return stored, cached_state
         async with self._slot(snap.scope, _reads(todo)):
             await self._recompute(snap.scope, stored, todo, snap.config)
+        await self._recheck(snap.scope, epoch)
         for c in todo:
-            stored.seen[c] = current
-        stored.seq = snap.seq
-        await self._write_back(snap, stored)
-        return stored
+            stored.seen[c] = current[c]
+        stored.seq = seq_n
+        await self._write_back(snap.scope, stored, int(ttl) if ttl is not None else -2)
+        return stored, cached_state
 
     async def _recompute(
         self, scope: Scope, stored: Stored, todo: dict[Column, npt.NDArray[np.intp]],
@@ -565,16 +726,18 @@ class Answers:
             for (column, _, where), count in zip(wanted_counts, counts, strict=True):
                 stored.values[column, where] = count
 
-    async def _write_back(self, snap: Snapshot, stored: Stored) -> None:
-        """File the result under the scope, to expire with its ``seq`` (see the docstring).
+    async def _write_back(self, scope: Scope, stored: Stored, meta_ttl_ms: int) -> None:
+        """File the result under the scope, to expire no later than its ``meta`` (whose
+        ``PTTL`` was read with the stamps): a result must not outlive the counter that stamped
+        it, or a counter that started again could hand out its values once more.
 
         Sent without making the response wait: a write that fails, or that a later request
         does not see yet, only costs that request a recompute. At most ``MAX_PENDING_WRITES``
         are in flight; past that the response waits for its own write."""
-        if snap.seq_ttl_ms == -2:  # seq is gone: nothing may outlive it
+        if meta_ttl_ms == -2:  # meta is gone: nothing may outlive it
             return
-        ttl = snap.seq_ttl_ms if snap.seq_ttl_ms > 0 else self.retention_days * 86_400_000
-        key = self.store.keys.result(snap.scope, "v1")
+        ttl = meta_ttl_ms if meta_ttl_ms > 0 else self.retention_days * 86_400_000
+        key = self.store.keys.result(scope, "v1")
 
         async def write() -> list[Any]:
             # Encoded here, after the response: this request's ``stored`` is not used again.
@@ -584,8 +747,8 @@ class Answers:
             await write()
             return
         task = asyncio.create_task(write())
-        self._pending[snap.scope] = task
-        task.add_done_callback(lambda t: self._written(snap.scope, t))
+        self._pending[scope] = task
+        task.add_done_callback(lambda t: self._written(scope, t))
 
     def _written(self, scope: Scope, task: asyncio.Task[list[Any]]) -> None:
         if self._pending.get(scope) is task:
@@ -643,3 +806,19 @@ def render_series(stored: Stored, query: Query, wanted: frozenset[Metric]) -> Se
         wau = plain(Column.ROLL7) if Metric.WAU in wanted else blank
         mau = plain(Column.ROLL30) if Metric.MAU in wanted else blank
     return Series(iso_dates(start, n), dau, wau, mau)
+
+
+def _text_or_none(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _meta_fields(fields: Any) -> dict[str, Any]:
+    items = list(fields or ())
+    return {_text_or_none(items[i]) or "": items[i + 1] for i in range(0, len(items) - 1, 2)}
+
+
+def _day_stamps(meta: dict[str, Any]) -> dict[int, int]:
+    """The day fields of ``meta``: ordinal -> the counter value of its last write."""
+    return {int(k): int(v) for k, v in meta.items() if k.isdigit()}

@@ -377,7 +377,7 @@ async def admit(client: Any, keys: KeySpace, ws: Scope) -> None:
     only an admin's say-so: each org may hold settings for at most MAX_SETTINGS_WITHOUT_DATA of
     them, so that one admin cannot fill Redis with settings of invented workspaces. A member
     whose workspace has since received data no longer counts (pruned when the set is full)."""
-    [has_data] = await run_pipeline(client, [("EXISTS", keys.version(ws))])
+    [has_data] = await run_pipeline(client, [("HEXISTS", keys.meta(ws), "n")])
     if has_data:
         return
     index = keys.settings_without_data(ws.org_id)
@@ -388,7 +388,7 @@ async def admit(client: Any, keys: KeySpace, ws: Scope) -> None:
     [members] = await run_pipeline(client, [("SMEMBERS", index)])
     names = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members or ())
     exists = await run_pipeline(
-        client, [("EXISTS", keys.version(Scope(ws.org_id, n))) for n in names]
+        client, [("HEXISTS", keys.meta(Scope(ws.org_id, n)), "n") for n in names]
     )
     grown = [n for n, e in zip(names, exists, strict=True) if e]
     if grown:

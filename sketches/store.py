@@ -70,6 +70,7 @@ import asyncio
 import functools
 import hashlib
 import itertools
+import secrets
 import time as time_module
 from collections import Counter, deque
 from collections.abc import Collection, Mapping, Sequence
@@ -81,17 +82,28 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from sketches.errors import CorruptSketch, StoreOutOfMemory, StoreUnavailable
+from sketches.errors import (
+    CorruptSketch,
+    RebuildInterrupted,
+    RebuildRunning,
+    StoreOutOfMemory,
+    StoreUnavailable,
+)
 from sketches.keys import KeySpace, Scope
 from sketches.periods import ONE_DAY, Period, WeekStart, date_range, day_of
 from sketches.writes import (
+    BEGIN_SCRIPT,
+    CANCEL_SCRIPT,
+    META_SLACK_DAYS,
+    SWITCH_SCRIPT,
     WRITE_SCRIPT,
     ScopeWrite,
     by_day,
+    calls,
     failures,
     group_by_scope,
     new_token,
-    script_call,
+    refusals,
 )
 
 RedisClient: TypeAlias = "Redis | RedisCluster"
@@ -102,9 +114,6 @@ RollingStrategy = Literal["client", "server"]
 _PER_KEY_SCRIPT = (
     "local out = {} for i, k in ipairs(KEYS) do out[i] = redis.pcall(ARGV[1], k) end return out"
 )
-# A rebuild keeps these: the settings, and the seq counter, whose values must never be handed out
-# twice while a stored result that recorded them survives (``sketches.writes``).
-KEPT_SUFFIXES = (b":settings", b":seq")
 INLINE_VALUES = 64  # day values the kernel merges on the event loop (a live day's 30-day window)
 COUNT_CHUNK = 16  # a cached PFCOUNT is ~1 us, recounting a dense sketch ~0.3 ms: <= 5 ms a chunk
 READ_CHUNK = 16  # 16 dense sketches are 197 KB: well under a millisecond to copy
@@ -245,44 +254,50 @@ class SketchStore(abc.ABC):
     def _count_command(self, key: str) -> tuple[Any, ...]: ...
 
     async def add(
-        self, batch: Batch, after: Sequence[tuple[Any, ...]] = ()
+        self, batch: Batch, after: Sequence[tuple[Any, ...]] = (), *,
+        building: Mapping[Scope, int] | None = None,
     ) -> list[CorruptSketch]:
         """Add every subject of the batch to its sketch, then run ``after`` on the same
         connection (the consumer records its offsets there).
 
-        Each scope's share is one script call that also gives each key its expiry when it has
-        none, bumps the scope's ``seq`` and stamps the days it touched (``sketches.writes``).
-        Returns the keys that could not be written because they hold something else: the rest of
-        the batch is kept, and the caller decides what to log.
+        The batch goes out as script calls of many scopes each (``sketches.writes``), which also
+        give each key its expiry when it has none, bump each scope's counter and stamp the days
+        it touched. With ``building`` (a rebuild), each scope's subjects go only to the
+        generation its rebuild fills. Returns the keys that could not be written because they
+        hold something else: the rest of the batch is kept, and the caller decides what to log.
+        Raises ``RebuildInterrupted`` when a rebuild's generation is no longer the one being
+        filled (cancelled, or taken over by another rebuild).
         """
-        return await self._add_grouped(group_by_scope(batch), after, time_module.time())
+        return await self._add_grouped(group_by_scope(batch), after, time_module.time(),
+                                       building)
 
     async def add_by_day(
         self,
         days: Mapping[tuple[Scope, date], Collection[str]],
         week_starts: Mapping[Scope, WeekStart],
         after: Sequence[tuple[Any, ...]] = (),
+        *,
+        building: Mapping[Scope, int] | None = None,
     ) -> list[CorruptSketch]:
         """``add`` of members per (scope, local day), each also counted in its week (by the
         scope's week start) and month: the consumer's batches, each member sent once
         (``sketches.writes.by_day``)."""
         now = time_module.time()
-        return await self._add_grouped(by_day(days, week_starts), after, now)
+        return await self._add_grouped(by_day(days, week_starts), after, now, building)
+
+    def _slot_of(self, scope: Scope) -> int:
+        return _scope_slot(self.keys.hash_tag(scope))
 
     async def _add_grouped(
         self, grouped: Mapping[Scope, ScopeWrite], after: Sequence[tuple[Any, ...]],
-        now: float,
+        now: float, building: Mapping[Scope, int] | None = None,
     ) -> list[CorruptSketch]:
-        token = new_token()
-        scopes: list[Scope] = []
-        commands: list[tuple[Any, ...]] = []
-        for scope, write in grouped.items():
-            for part in write.parts():
-                scopes.append(scope)
-                commands.append(script_call(
-                    WRITE_SHA, self.keys, scope, part, retention_days=self.retention_days,
-                    now=now, token=token, command=self._add_verb,
-                )[0])
+        batch_calls = calls(
+            WRITE_SHA, self.keys, grouped, retention_days=self.retention_days, now=now,
+            token=new_token(), command=self._add_verb, building=building,
+            slot_of=self._slot_of if self.cluster else None,
+        )
+        commands = [c.command for c in batch_calls]
         try:
             results = await self._write(commands, after)
         except ScriptMissing:
@@ -291,13 +306,20 @@ class SketchStore(abc.ABC):
             await self._load_write_script()
             results = await self._write(commands, after)
         failed: dict[str, CorruptSketch] = {}  # a key cut over several calls fails in each
-        for scope, res in zip(scopes, results, strict=False):
+        refused: list[str] = []
+        for call, res in zip(batch_calls, results, strict=False):
             if isinstance(res, BaseException):
-                key = self.keys.workspace_prefix(scope)
+                key = self.keys.workspace_prefix(call.scopes[0])
                 failed.setdefault(key, CorruptSketch(key, str(res)))
             else:
                 for key, err in failures(res):
                     failed.setdefault(key, CorruptSketch(key, err))
+                refused.extend(refusals(res))
+        if refused:
+            raise RebuildInterrupted(
+                f"the rebuild of {len(set(refused))} scope(s) is no longer the one being filled "
+                f"(cancelled, or taken over by another rebuild), e.g. {refused[0]}"
+            )
         return list(failed.values())
 
     async def _write(
@@ -463,52 +485,128 @@ class SketchStore(abc.ABC):
         except rexc.RedisClusterException as err:
             raise _cluster_unavailable(err) from err
 
-    async def delete_workspace(self, ws: Scope) -> int:
-        """Remove every sketch of one scope, its change stamps and stored results (its settings
-        and its ``seq`` counter stay: see ``sketches.writes``); returns keys deleted.
+    async def _keys_with_prefix(self, ws: Scope, prefix: str) -> list[bytes]:
+        """Every key of the scope that starts with ``prefix``.
 
-        On one Redis: a SCAN for the workspace's prefix. On a cluster all of the workspace sits in
-        one slot (its hash tag), so only that slot is listed, on the master that owns it
+        On one Redis: a SCAN for the prefix. On a cluster all of the scope sits in one slot (its
+        hash tag), so only that slot is listed, on the master that owns it
         (``CLUSTER GETKEYSINSLOT``), instead of scanning every key of every node."""
-        if isinstance(self.client, RedisCluster):
-            return await self._delete_workspace_on_cluster(ws)
-        pattern = self.keys.workspace_prefix(ws).replace("[", "\\[").replace("]", "\\]")
-        pattern = pattern.replace("*", "\\*").replace("?", "\\?") + "*"
-        deleted = 0
+        head = prefix.encode()
         try:
-            batch: list[bytes] = []
-            async for key in self.client.scan_iter(match=pattern, count=1000):
-                if key.endswith(KEPT_SUFFIXES):
-                    continue
-                batch.append(key)
-                if len(batch) >= 500:
-                    deleted += int(await self.client.unlink(*batch))
-                    batch = []
-            if batch:
-                deleted += int(await self.client.unlink(*batch))
-        except (rexc.RedisError, OSError) as err:
-            raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
-        return deleted
-
-    async def _delete_workspace_on_cluster(self, ws: Scope) -> int:
-        assert isinstance(self.client, RedisCluster)
-        prefix = self.keys.workspace_prefix(ws).encode()
-        slot = key_slot(prefix)
-        deleted = 0
-        try:
-            total = int(await self.client.cluster_countkeysinslot(slot))
-            names: list[Any] = (
-                await self.client.cluster_get_keys_in_slot(slot, total) if total else []
-            )
-            keys = [k if isinstance(k, bytes) else str(k).encode() for k in names]
-            mine = [k for k in keys if k.startswith(prefix) and not k.endswith(KEPT_SUFFIXES)]
-            for i in range(0, len(mine), 500):
-                deleted += int(await self.client.execute_command("UNLINK", *mine[i : i + 500]))
+            if isinstance(self.client, RedisCluster):
+                slot = key_slot(head)
+                total = int(await self.client.cluster_countkeysinslot(slot))
+                names: list[Any] = (
+                    await self.client.cluster_get_keys_in_slot(slot, total) if total else []
+                )
+                found = [k if isinstance(k, bytes) else str(k).encode() for k in names]
+                return [k for k in found if k.startswith(head)]
+            pattern = prefix.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
+            pattern = pattern.replace("*", "\\*").replace("?", "\\?") + "*"
+            return [k async for k in self.client.scan_iter(match=pattern, count=1000)]
         except (rexc.RedisError, OSError) as err:
             raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
         except rexc.RedisClusterException as err:
             raise _cluster_unavailable(err) from err
+
+    async def delete_workspace(self, ws: Scope) -> int:
+        """Forget one scope: its sketches of every generation, its ``meta`` and stored results
+        (its settings stay); returns keys deleted. Readers then find no counter and compute from
+        the (absent) sketches; a later write starts a new epoch. Not the rebuild's path, which
+        never lets a reader see a half-deleted scope (``begin_rebuild``)."""
+        mine = [k for k in await self._keys_with_prefix(ws, self.keys.workspace_prefix(ws))
+                if not k.endswith(b":settings")]
+        deleted = 0
+        try:
+            for i in range(0, len(mine), 500):
+                deleted += int(await self.client.execute_command("UNLINK", *mine[i : i + 500]))
+        except (rexc.RedisError, OSError) as err:
+            raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
         return deleted
+
+    async def _script(self, script: str, keys: Sequence[Any], *args: Any) -> Any:
+        try:
+            return await self.client.eval(script, len(keys), *keys, *args)
+        except rexc.RedisError as err:
+            raise unavailable(err) from err
+        except OSError as err:
+            raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
+        except rexc.RedisClusterException as err:
+            raise _cluster_unavailable(err) from err
+
+    async def begin_rebuild(
+        self, scopes: Sequence[Scope], *, take_over: bool = False
+    ) -> dict[Scope, int]:
+        """Mark, per scope, a new generation for a rebuild to fill (``sketches.writes``):
+        answers keep coming from the live sketches, and from now on the consumer writes each
+        login to both. Raises ``RebuildRunning`` (nothing marked) when a scope's rebuild is
+        already under way, unless ``take_over``: that rebuild's writes are then refused."""
+        meta_ttl = (self.retention_days + META_SLACK_DAYS) * 86400
+        started: dict[Scope, int] = {}
+        for scope in scopes:
+            generation = secrets.randbits(48) + 1
+            running = await self._script(
+                BEGIN_SCRIPT, [self.keys.meta(scope)], generation, meta_ttl,
+                "1" if take_over else "0",
+            )
+            if running is not None:
+                await self.cancel_rebuild(started)
+                raise RebuildRunning(
+                    f"a rebuild of {_scope_name(scope)} is already under way (generation "
+                    f"{_text(running)}), or one stopped before it finished: rebuild again with "
+                    "--take-over to replace it"
+                )
+            started[scope] = generation
+        return started
+
+    async def finish_rebuild(self, building: Mapping[Scope, int]) -> int:
+        """Switch each scope to its rebuilt generation in one atomic step (``SWITCH_SCRIPT``);
+        returns the sketches moved. Raises ``RebuildInterrupted`` for a scope whose generation
+        is no longer the one being filled: that scope keeps its live sketches."""
+        moved = 0
+        for scope, generation in building.items():
+            live = [k for k in await self._keys_with_prefix(scope, self.keys.sketch_head(scope)
+                                                            + ":")
+                    if not k.endswith((b":meta",))]
+            result = await self._script(
+                SWITCH_SCRIPT,
+                [self.keys.meta(scope), self.keys.registry(scope, generation), *live],
+                generation, new_token(), len(self.keys.sketch_head(scope).encode()),
+            )
+            if int(result) < 0:
+                raise RebuildInterrupted(
+                    f"the rebuild of {_scope_name(scope)} was cancelled or taken over by "
+                    "another: its live sketches are unchanged"
+                )
+            moved += int(result)
+        return moved
+
+    async def cancel_rebuild(self, building: Mapping[Scope, int]) -> None:
+        """Stop filling each scope's generation and delete what it holds; the live sketches
+        never changed."""
+        for scope, generation in building.items():
+            registry = self.keys.registry(scope, generation)
+            names = await self._script(CANCEL_SCRIPT, [self.keys.meta(scope), registry],
+                                       generation)
+            stale = [*(names or ()), registry]
+            try:
+                for i in range(0, len(stale), 500):
+                    await self.client.execute_command("UNLINK", *stale[i : i + 500])
+            except (rexc.RedisError, OSError) as err:
+                raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _scope_name(scope: Scope) -> str:
+    return f"{scope.org_id}/{scope.workspace_id}" if scope.workspace_id else f"org {scope.org_id}"
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _scope_slot(tag: str) -> int:
+    return int(key_slot(tag.encode()))
 
 
 class HllStore(SketchStore):

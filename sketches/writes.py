@@ -43,7 +43,7 @@ from __future__ import annotations
 import bisect
 import functools
 import uuid
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -51,44 +51,33 @@ from typing import Any
 from sketches.keys import KeySpace, Scope
 from sketches.periods import Granularity, Period, WeekStart, periods_holding
 
-STAMP_RING = 1024
-"""Slots of the change-stamp ring: more days than any stored result spans by default."""
 META_SLACK_DAYS = 62
-"""``seq``/``stamps``/``version`` outlive the scope's last write by retention plus this."""
+"""A scope's ``meta`` outlives its last write by retention plus this: longer than any sketch
+that write touched (the current month ends at most 31 days later, plus ``DEADLINE_SLACK_DAYS``)."""
+DEADLINE_SLACK_DAYS = 2
+"""A key lives until the UTC midnight this many days after retention has passed its period: the
+horizon moves at local midnights, up to 12 hours after UTC's (UTC-12), so a key outlives the
+last instant any zone's horizon still holds its period by at least 12 hours."""
 MEMBERS_PER_CALL = 2000
-"""A scope's share of a batch is split into script calls of at most this many members: ~1 ms
-of Redis time each, so a large batch never holds Redis for long (a stamp per call is cheap)."""
+"""Members per script call, all scopes together: ~1 ms of Redis time, so a large batch never
+holds Redis for long."""
 UNPACK_CHUNK = 4000
 """Members per ``PFADD`` inside the script: Lua's ``unpack`` is limited to ~8,000 values."""
+PRUNE_EVERY = 256
+"""Every this many writes of a scope, the script drops its day stamps older than the stored
+span (one ``HKEYS``): bookkeeping stays proportional to the days a scope can be asked about."""
+PRUNE_MARGIN_DAYS = 45
+"""Day stamps kept before the retention horizon: the 30-day lead of the first stored entry
+(``sketches.results.LEAD``), plus slack for zones and clocks."""
+LIVE = "L"
+"""The mode of a consumer's write: bump the counter, stamp the days, write the live sketches and
+those of a generation being rebuilt. Any other mode is the generation a rebuild fills."""
 
 WRITE_SCRIPT = """
-local cmd = ARGV[1]
-local ttl = ARGV[3]
-local seq = redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('SET', KEYS[3], ARGV[2], 'EX', ttl)
-local nslots = tonumber(ARGV[4])
-local nmembers = tonumber(ARGV[5])
-local ntargets = tonumber(ARGV[6])
-local i = 7
-if nslots > 0 then
-  local ops = {}
-  for j = 0, nslots - 1 do
-    ops[#ops + 1] = 'SET'
-    ops[#ops + 1] = 'u32'
-    ops[#ops + 1] = '#' .. ARGV[i + j]
-    ops[#ops + 1] = seq
-    if #ops >= 4000 or j == nslots - 1 then
-      redis.call('BITFIELD', KEYS[2], unpack(ops))
-      ops = {}
-    end
-  end
-  redis.call('EXPIRE', KEYS[2], ttl)
-  i = i + nslots
-end
-local failed = {}
-local broken = {}
+local cmd, token, ttl = ARGV[1], ARGV[2], ARGV[3]
+local nscopes, prune, every = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local failed, refused = {}, {}
+local broken, registered = {}, {}
 local function add(key, first, last)
   if broken[key] then return end
   for s = first, last, CHUNK do
@@ -101,44 +90,153 @@ local function add(key, first, last)
     end
   end
 end
-local deadline = {}
-for k = 4 + nmembers, 3 + nmembers + ntargets do
-  deadline[k] = ARGV[i]
-  i = i + 1
-end
-for k = 4, 3 + nmembers do
-  local key = KEYS[k]
-  local at = ARGV[i]
-  local n = tonumber(ARGV[i + 1])
-  local first = i + 2
-  local last = first + n - 1
-  if at ~= '0' then
-    add(key, first, last)
-    if not broken[key] then redis.call('EXPIREAT', key, at, 'NX') end
+local i, kb = 7, 1
+for _ = 1, nscopes do
+  local meta = KEYS[kb]
+  local mode, headlen, ndays = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local nm, nt = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  i = i + 5
+  local building = redis.call('HGET', meta, 'b')
+  local gens = {}
+  if mode == 'L' then
+    local n = redis.call('HINCRBY', meta, 'n', 1)
+    if ndays > 0 then
+      local hs = {}
+      for d = i, i + ndays - 1 do
+        hs[#hs + 1] = ARGV[d]
+        hs[#hs + 1] = n
+      end
+      for c = 1, #hs, 4000 do
+        redis.call('HSET', meta, unpack(hs, c, math.min(c + 3999, #hs)))
+      end
+    end
+    if n == 1 then redis.call('HSETNX', meta, 'e', token) end
+    redis.call('EXPIRE', meta, ttl)
+    if n % every == 0 then
+      local old = {}
+      for _, f in ipairs(redis.call('HKEYS', meta)) do
+        local o = tonumber(f)
+        if o and o < prune then old[#old + 1] = f end
+      end
+      for c = 1, #old, 4000 do
+        redis.call('HDEL', meta, unpack(old, c, math.min(c + 3999, #old)))
+      end
+    end
+    gens[1] = ''
+    if building then gens[2] = building end
+  elseif building == mode then
+    gens[1] = mode
+  else
+    refused[#refused + 1] = meta
   end
-  local nt = tonumber(ARGV[last + 1])
-  for t = 1, nt do
-    add(KEYS[tonumber(ARGV[last + 1 + t])], first, last)
+  i = i + ndays
+  local deadline = {}
+  for t = 1, nt do deadline[nm + t] = ARGV[i + t - 1] end
+  i = i + nt
+  local sections = {}
+  for k = 1, nm do
+    local n = tonumber(ARGV[i + 1])
+    local last = i + 1 + n
+    local ntk = tonumber(ARGV[last + 1])
+    sections[k] = {ARGV[i], i + 2, last, last + 1, ntk}
+    i = last + 2 + ntk
   end
-  i = last + 2 + nt
+  for _, gen in ipairs(gens) do
+    local head = string.sub(meta, 1, headlen)
+    local registry = head .. '~' .. gen .. ':keys'
+    local function name(k)
+      local key = KEYS[kb + k]
+      if gen == '' then return key end
+      local alt = head .. '~' .. gen .. string.sub(key, headlen + 1)
+      if not registered[alt] then
+        registered[alt] = true
+        redis.call('SADD', registry, alt)
+        redis.call('EXPIRE', registry, ttl)
+      end
+      return alt
+    end
+    for k = 1, nm do
+      local at, first, last, tp, ntk = unpack(sections[k])
+      if at ~= '0' then
+        local key = name(k)
+        add(key, first, last)
+        if not broken[key] then redis.call('EXPIREAT', key, at, 'NX') end
+      end
+      for t = 1, ntk do add(name(tonumber(ARGV[tp + t])), first, last) end
+    end
+    for t = nm + 1, nm + nt do
+      local key = name(t)
+      if not broken[key] then redis.call('EXPIREAT', key, deadline[t], 'NX') end
+    end
+  end
+  kb = kb + 1 + nm + nt
 end
-for k = 4 + nmembers, 3 + nmembers + ntargets do
-  if not broken[KEYS[k]] then redis.call('EXPIREAT', KEYS[k], deadline[k], 'NX') end
-end
-return failed
+return {failed, refused}
 """.replace("CHUNK", str(UNPACK_CHUNK))
 
 
-def stamp_slot(day: date) -> int:
-    return day.toordinal() % STAMP_RING
+BEGIN_SCRIPT = """
+local b = redis.call('HGET', KEYS[1], 'b')
+if b and ARGV[3] ~= '1' then return b end
+redis.call('HSET', KEYS[1], 'b', ARGV[1])
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return false
+"""
+"""Marks the generation a rebuild fills (``b``); answers the generation already being filled
+instead, unless told to take it over."""
+
+SWITCH_SCRIPT = """
+local meta, registry = KEYS[1], KEYS[2]
+if redis.call('HGET', meta, 'b') ~= ARGV[1] then return -1 end
+local headlen, skip = tonumber(ARGV[3]), 1 + #ARGV[1]
+for k = 3, #KEYS do redis.call('UNLINK', KEYS[k]) end
+local moved = 0
+for _, bk in ipairs(redis.call('SMEMBERS', registry)) do
+  if redis.call('EXISTS', bk) == 1 then
+    redis.call('RENAME', bk, string.sub(bk, 1, headlen) .. string.sub(bk, headlen + skip + 1))
+    moved = moved + 1
+  end
+end
+redis.call('UNLINK', registry)
+local drop = {'b'}
+for _, f in ipairs(redis.call('HKEYS', meta)) do
+  if tonumber(f) then drop[#drop + 1] = f end
+end
+for c = 1, #drop, 4000 do
+  redis.call('HDEL', meta, unpack(drop, c, math.min(c + 3999, #drop)))
+end
+redis.call('HSET', meta, 'e', ARGV[2])
+redis.call('HINCRBY', meta, 'n', 1)
+return moved
+"""
+"""A rebuild's one step: the live sketches the caller listed (every one that existed once the
+rebuild began) go, the generation's sketches take their names, and the scope gets a new epoch
+with no day stamps, so every stored result and cached response of the old state is unanswerable.
+Live sketches created after the caller's listing were written by the consumer to both
+generations, so the renames replace them. ``-1`` when the generation is no longer the one being
+filled."""
+
+CANCEL_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'b') == ARGV[1] then redis.call('HDEL', KEYS[1], 'b') end
+return redis.call('SMEMBERS', KEYS[2])
+"""
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def expire_at(period: Period, retention_days: int) -> int:
-    """Epoch seconds at which a period's key may go: retention after the period's last day.
-    Cached: a backfill batch asks it for tens of thousands of keys of a few hundred periods."""
-    deadline = datetime.combine(period.end + timedelta(days=retention_days + 1), time(), UTC)
-    return int(deadline.timestamp())
+    """Epoch seconds at which a period's key may go: the UTC midnight ``DEADLINE_SLACK_DAYS``
+    after retention has passed the period's last day. Cached: a backfill batch asks it for tens
+    of thousands of keys of a few hundred periods."""
+    last = period.end + timedelta(days=retention_days + DEADLINE_SLACK_DAYS)
+    return int(datetime.combine(last, time(), UTC).timestamp())
+
+
+def needed_until(period: Period, retention_days: int, offset: timedelta) -> datetime:
+    """The last instant a scope whose zone is ``offset`` from UTC still holds ``period`` within
+    its horizon (``today - retention``): the local midnight that ends the period's last day
+    plus retention. ``expire_at`` must never fall before it, for any zone."""
+    ends = datetime.combine(period.end + timedelta(days=retention_days + 1), time(), UTC)
+    return ends - offset
 
 
 @dataclass
@@ -200,54 +298,111 @@ def group_by_scope(
     return out
 
 
-def script_call(
-    sha: str,
-    keys: KeySpace,
-    scope: Scope,
-    write: ScopeWrite,
-    *,
-    retention_days: int,
-    now: float,
-    token: str,
-    command: str,
-) -> tuple[tuple[Any, ...], list[str]]:
-    """The ``EVALSHA`` of one scope, and the sketch keys it writes (in order).
+@functools.lru_cache(maxsize=1 << 16)
+def _head_length(keys: KeySpace, scope: Scope) -> int:
+    return len(keys.sketch_head(scope).encode())
+
+
+def scope_section(
+    keys: KeySpace, scope: Scope, write: ScopeWrite, *, retention_days: int, now: float,
+    mode: str,
+) -> tuple[list[str], list[Any], int]:
+    """One scope's share of a script call: its keys, its arguments and its member count.
 
     A key past its deadline is not written (it would be deleted as it is written); when it has
     targets, its members still go to them (its deadline is sent as 0)."""
-    meta_ttl = (retention_days + META_SLACK_DAYS) * 86400
-    head = [keys.seq(scope), keys.stamps(scope), keys.version(scope)]
     member_keys: list[str] = []
-    members_argv: list[Any] = []
     target_index: dict[Period, int] = {}
     target_deadlines: list[int] = []
     pending: list[tuple[list[Any], tuple[Period, ...]]] = []
+    members_total = 0
     for period, members in write.sketches.items():
         deadline = expire_at(period, retention_days)
         alive = [t for t in write.targets.get(period, ()) if expire_at(t, retention_days) > now]
         if deadline <= now and not alive:
             continue
         member_keys.append(keys.sketch(scope, period))
-        section = [deadline if deadline > now else 0, len(members), *members]
+        members_total += len(members)
         for t in alive:
             if t not in target_index:
                 target_index[t] = len(target_index)
                 target_deadlines.append(expire_at(t, retention_days))
-        pending.append((section, tuple(alive)))
-    first_target = len(head) + len(member_keys) + 1  # KEYS index (1-based) of the first target
-    for section, to in pending:
-        members_argv.extend(section)
-        members_argv.append(len(to))
-        members_argv.extend(first_target + target_index[t] for t in to)
-    target_keys = [keys.sketch(scope, t) for t in target_index]
-    argv: list[Any] = [command, token, meta_ttl, len(write.days), len(member_keys),
-                       len(target_keys)]
-    argv.extend(stamp_slot(d) for d in write.days)
+        pending.append(([deadline if deadline > now else 0, len(members), *members], tuple(alive)))
+    nm = len(member_keys)
+    argv: list[Any] = [mode, _head_length(keys, scope), len(write.days), nm, len(target_index)]
+    argv.extend(d.toordinal() for d in write.days)
     argv.extend(target_deadlines)
-    all_keys = [*head, *member_keys, *target_keys]
-    return ("EVALSHA", sha, len(all_keys), *all_keys, *argv, *members_argv), [
-        *member_keys, *target_keys
-    ]
+    for section, to in pending:
+        argv.extend(section)
+        argv.append(len(to))
+        argv.extend(nm + 1 + target_index[t] for t in to)
+    return [keys.meta(scope), *member_keys, *(keys.sketch(scope, t) for t in target_index)], \
+        argv, members_total
+
+
+@dataclass
+class Call:
+    """One ``EVALSHA`` of the write script and the scopes it carries, in order."""
+
+    command: tuple[Any, ...]
+    scopes: list[Scope]
+
+
+def calls(
+    sha: str,
+    keys: KeySpace,
+    grouped: Mapping[Scope, ScopeWrite],
+    *,
+    retention_days: int,
+    now: float,
+    token: str,
+    command: str,
+    building: Mapping[Scope, int] | None = None,
+    slot_of: Callable[[Scope], int] | None = None,
+    limit: int = MEMBERS_PER_CALL,
+) -> list[Call]:
+    """The batch as script calls: many scopes per call, up to ``limit`` members each; on a
+    cluster (``slot_of``), only scopes of one slot share a call. With ``building``, each scope's
+    members go only to the generation its rebuild fills (scopes not in it are skipped)."""
+    meta_ttl = (retention_days + META_SLACK_DAYS) * 86400
+    today = datetime.fromtimestamp(now, UTC).date()
+    prune_before = (today - timedelta(days=retention_days + PRUNE_MARGIN_DAYS)).toordinal()
+    open_calls: dict[int, tuple[list[str], list[Any], list[Scope], list[int]]] = {}
+    out: list[Call] = []
+
+    def flush(slot: int) -> None:
+        call_keys, argv, scopes, _ = open_calls.pop(slot)
+        out.append(Call(
+            ("EVALSHA", sha, len(call_keys), *call_keys, command, token, meta_ttl, len(scopes),
+             prune_before, PRUNE_EVERY, *argv),
+            scopes,
+        ))
+
+    for scope, write in grouped.items():
+        if building is not None:
+            if scope not in building:
+                continue
+            mode = str(building[scope])
+        else:
+            mode = LIVE
+        slot = slot_of(scope) if slot_of is not None else 0
+        for part in write.parts(limit):
+            section_keys, section_argv, size = scope_section(
+                keys, scope, part, retention_days=retention_days, now=now, mode=mode
+            )
+            current = open_calls.get(slot)
+            if current is not None and current[3][0] + size > limit:
+                flush(slot)
+                current = None
+            if current is None:
+                current = open_calls[slot] = ([], [], [], [0])
+            current[0].extend(section_keys)
+            current[1].extend(section_argv)
+            current[2].append(scope)
+            current[3][0] += size
+    for slot in list(open_calls):
+        flush(slot)
+    return out
 
 
 def by_day(
@@ -277,12 +432,21 @@ def new_token() -> str:
     return uuid.uuid4().hex
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def refusals(reply: Any) -> list[str]:
+    """The ``meta`` keys of scopes the script did not write: a rebuild's write to a generation
+    that is no longer the one being filled (cancelled, or taken over)."""
+    parts = list(reply or ())
+    return [_text(k) for k in parts[1]] if len(parts) > 1 else []
+
+
 def failures(reply: Any) -> Iterable[tuple[str, str]]:
     """(key, Redis's error) pairs from the script's reply."""
-    items = list(reply or ())
+    parts = list(reply or ())
+    items = list(parts[0] or ()) if parts else []
     for i in range(0, len(items) - 1, 2):
         key, err = items[i], items[i + 1]
-        yield (
-            key.decode() if isinstance(key, bytes) else str(key),
-            err.decode() if isinstance(err, bytes) else str(err),
-        )
+        yield _text(key), _text(err)

@@ -361,12 +361,12 @@ async def test_settings_of_workspaces_without_data_are_bounded_per_org(
     again = await client.put(SETTINGS.format(ws="new-7"), json={"timezone": "UTC"},
                              headers=auth(settings))
     assert again.status_code == 200
-    await store.client.set(store.keys.version(Scope("acme", "has-data")), "v")
+    await store.client.hset(store.keys.meta(Scope("acme", "has-data")), "n", 1)
     with_data = await client.put(SETTINGS.format(ws="has-data"), json=body,
                                  headers=auth(settings))
     assert with_data.status_code == 200
     # Once one of the counted workspaces receives data, it no longer counts.
-    await store.client.set(store.keys.version(Scope("acme", "new-3")), "v")
+    await store.client.hset(store.keys.meta(Scope("acme", "new-3")), "n", 1)
     assert (await client.put(SETTINGS.format(ws="one-too-many"), json=body,
                              headers=auth(settings))).status_code == 200
     # A patch that changes nothing stores nothing, so it takes no slot (else a no-op PATCH

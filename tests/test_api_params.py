@@ -311,7 +311,7 @@ async def read_calls(admin: aioredis.Redis) -> dict[str, int]:
     return out
 
 
-SNAPSHOT_GETS = 4  # settings, version, change stamps, stored result (plus HMGET seq, PTTL)
+SNAPSHOT_GETS = 2  # settings, stored result (plus HMGET/HGETALL of meta, PTTL, EXISTS)
 
 
 async def cost(
@@ -319,9 +319,9 @@ async def cost(
 ) -> dict[str, int]:
     """Read commands Redis ran for one request's metrics (the server is this module's alone).
 
-    Every request first reads the scope's settings, version token, change stamps and stored
-    result with exactly four GETs in one round trip (and its seq with HMGET); those reads are
-    checked and taken out, so what remains is the metrics' own work."""
+    Every request reads the scope's settings and stored result with exactly two GETs (and its
+    meta with HMGET and HGETALL, its keys' presence with EXISTS); those reads are checked and
+    taken out, so what remains is the metrics' own work."""
     before = await read_calls(admin)
     resp = await c.get(usage_path(), params=params)
     assert resp.status_code == 200, resp.text

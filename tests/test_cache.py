@@ -10,25 +10,48 @@ import httpx
 from api.app import create_app
 from api.auth import issue_token
 from sketches.config import Settings
-from sketches.results import ResultCache
+from sketches.keys import Scope
+from sketches.results import CacheEntry, ResultCache, Snapshot
 from sketches.store import SketchStore
 from tests.support.kafka import merge_ends, produce, wait_applied
 from tests.test_consumer import running
 from usage_metrics.synth import SynthEvent
 
 
+def _snap(version: tuple[str, int] | None, presence: bytes | None = b"101",
+          span: str = "s") -> Snapshot:
+    epoch, seq = version if version is not None else (None, None)
+    return Snapshot(Scope("o", "w"), None, None, epoch, seq, 1000,  # type: ignore[arg-type]
+                    span_id=span, presence=presence)
+
+
+def _entry(version: tuple[str, int], body: bytes, presence: bytes = b"101") -> CacheEntry:
+    return CacheEntry(version, "s", presence, body)
+
+
 def test_lru_bound_and_versions() -> None:
+    v1, v2 = ("e", 1), ("e", 2)
     cache = ResultCache(max_entries=2)
-    cache.put("a", b"v1", b"A")
-    cache.put("b", b"v1", b"B")
-    assert cache.get("a", b"v1") == b"A"
-    cache.put("c", b"v1", b"C")  # evicts b, the least recently used
-    assert cache.get("b", b"v1") is None
-    assert cache.get("a", b"v2") is None  # another version: never served
-    assert cache.get("c", b"v1") == b"C"
-    cache.put("n", None, b"N")  # a workspace never written by the consumer: not cached
-    assert cache.get("n", None) is None
-    assert ResultCache(0).get("a", b"v1") is None
+    cache.put("a", _entry(v1, b"A"))
+    cache.put("b", _entry(v1, b"B"))
+    assert cache.get("a", _snap(v1)) == b"A"
+    cache.put("c", _entry(v1, b"C"))  # evicts b, the least recently used
+    assert cache.get("b", _snap(v1)) is None
+    assert cache.get("a", _snap(v2)) is None  # another counter: never served
+    assert cache.get("a", _snap(("f", 1))) is None  # another epoch (a rebuild): never served
+    assert cache.get("c", _snap(v1)) == b"C"
+    assert cache.get("n", _snap(None)) is None  # a scope never written: no version
+    assert ResultCache(0).get("a", _snap(v1)) is None
+
+
+def test_a_key_that_vanished_or_appeared_is_a_miss_under_the_same_version() -> None:
+    cache = ResultCache(max_entries=4)
+    cache.put("a", _entry(("e", 1), b"A", presence=b"101"))
+    assert cache.get("a", _snap(("e", 1), presence=b"101")) == b"A"
+    assert cache.get("a", _snap(("e", 1), presence=b"100")) is None  # a sketch went
+    assert cache.get("a", _snap(("e", 1), presence=b"111")) is None
+    assert cache.get("a", _snap(("e", 1), presence=None)) is None  # presence not read
+    assert cache.get("a", _snap(("e", 1), span="other")) is None  # another span's keys
 
 
 async def test_repeated_queries_hit_and_a_late_event_shows_at_once(

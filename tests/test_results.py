@@ -18,10 +18,9 @@ from sketches import scope_settings as wss
 from sketches.keys import Scope
 from sketches.periods import periods_holding, utc_today
 from sketches.query import ALL_METRICS, Metric, UsageRow, Window, usage
-from sketches.results import SAFE_MARGIN, Answers, Query, Stored, runs, stamps_on, window_any
+from sketches.results import SAFE_MARGIN, Answers, Query, Stored, runs, stamps_from, window_any
 from sketches.scope_settings import WorkspaceSettings
 from sketches.store import SketchStore
-from sketches.writes import STAMP_RING
 
 WS = Scope("acme", "ws-1")
 OTHER = Scope("acme", "ws-2")
@@ -84,16 +83,15 @@ def test_runs_merge_what_is_closer_than_the_gap() -> None:
     assert runs([], 30) == []
 
 
-def test_stamps_are_read_from_the_big_endian_ring() -> None:
+def test_stamps_are_read_per_day_and_a_day_never_written_reads_zero() -> None:
     first = date(2026, 1, 1)
-    slot = first.toordinal() % STAMP_RING
-    raw = bytearray(4 * (slot + 2))
-    raw[4 * slot : 4 * slot + 4] = (7).to_bytes(4, "big")
-    raw[4 * slot + 4 : 4 * slot + 8] = (9).to_bytes(4, "big")
-    assert stamps_on(bytes(raw), first, 3).tolist() == [7, 9, 0]
-    assert stamps_on(None, first, 2).tolist() == [0, 0]
-    # The day STAMP_RING days later shares the slot: a write to either marks both changed.
-    assert stamps_on(bytes(raw), first + timedelta(days=STAMP_RING), 1).tolist() == [7]
+    o = first.toordinal()
+    meta = {o: 7, o + 1: 2**40, o - 1: 5, o + 5: 9}
+    assert stamps_from(meta, first, 3).tolist() == [7, 2**40, 0]
+    assert stamps_from({}, first, 2).tolist() == [0, 0]
+    # Stamps are as wide as the counter: no ring, no wrap, no day sharing another's slot.
+    assert stamps_from(meta, first + timedelta(days=1024), 1).tolist() == [0]
+    assert stamps_from({o: 2**63 - 1}, first, 1).tolist() == [2**63 - 1]
 
 
 @given(st.integers(-900, 900), st.integers(1, 900))
@@ -199,7 +197,7 @@ async def test_a_counter_that_went_away_while_the_result_stayed_is_not_trusted(
     answers = answers_for(store)
     await add(store, [(WS, f"u{i}", TODAY) for i in range(5)])
     await assert_equal_to_direct(answers, WS)
-    await redis_client.delete(store.keys.seq(WS))  # starts again at 1, below the result's seq
+    await redis_client.delete(store.keys.meta(WS))  # starts again at 1, below the result's seq
     await add(store, [(WS, "new", TODAY)])
     rows = await assert_equal_to_direct(answers, WS)
     assert rows[-1].dau == 6
@@ -211,7 +209,7 @@ async def test_rebuild_timezone_and_week_start_changes_and_a_new_day_start_afres
     answers = answers_for(store)
     await add(store, [(WS, "a", TODAY - timedelta(days=2)), (WS, "b", TODAY)])
     await assert_equal_to_direct(answers, WS)
-    await store.delete_workspace(WS)  # a rebuild deletes sketches, stamps and stored results
+    await store.delete_workspace(WS)  # sketches, meta (stamps) and stored results all go
     rows = await assert_equal_to_direct(answers, WS)
     assert all(r.dau is None for r in rows)
     await add(store, [(WS, "c", TODAY)], week_start="sunday")

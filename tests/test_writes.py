@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sketches.keys import KeySpace, Scope
 from sketches.periods import day_of, month_of, periods_holding, sunday_week_of, week_of
-from sketches.writes import ScopeWrite, by_day, expire_at, group_by_scope, script_call
+from sketches.writes import ScopeWrite, by_day, expire_at, group_by_scope, scope_section
 
 WS = Scope("acme", "ws")
 D = date(2026, 11, 24)
@@ -53,12 +53,13 @@ def test_a_key_past_its_deadline_is_left_out_of_the_script_call() -> None:
     old = D - timedelta(days=900)
     write = group_by_scope({(WS, p): {"a"} for p in (*periods_holding(D), day_of(old))})[WS]
     now = 1_800_000_000.0  # 2027-01-15: the 900-day-old day is past an 800-day retention
-    call, written = script_call("sha", keys, WS, write, retention_days=800, now=now,
-                                token="t", command="PFADD")
+    section_keys, _, size = scope_section(keys, WS, write, retention_days=800, now=now,
+                                          mode="L")
+    written = section_keys[1:]
     assert keys.sketch(WS, day_of(old)) not in written
     assert written == [keys.sketch(WS, p) for p in periods_holding(D)]
-    assert call[0] == "EVALSHA"
-    assert call[2] == 3 + len(written)  # seq, stamps, version, then the sketch keys
+    assert section_keys[0] == keys.meta(WS)  # the scope's bookkeeping, then its sketch keys
+    assert size == 3
 
 
 def test_by_day_sends_each_days_members_once_with_its_week_and_month_as_targets() -> None:
@@ -75,15 +76,15 @@ def test_a_day_past_its_deadline_still_reaches_its_week_and_month() -> None:
     keys = KeySpace("um", "hll")
     write = by_day({(WS, D): {"z"}}, {WS: "monday"})[WS]
     now = expire_at(day_of(D), 800) + 1  # the day has gone, its week and month have not
-    call, written = script_call("sha", keys, WS, write, retention_days=800, now=now,
-                                token="t", command="PFADD")
-    assert written == [keys.sketch(WS, p) for p in periods_holding(D)]
-    nkeys = call[2]
-    argv = call[3 + nkeys:]
-    # cmd, token, ttl, 1 slot, 1 member key, 2 targets; slot; 2 target deadlines; then the day:
-    # deadline 0 (not written), 1 member, "z", 2 targets (KEYS 5 and 6).
-    assert argv[3:6] == (1, 1, 2)
-    assert argv[7 + 2 :] == (0, 1, "z", 2, 5, 6)
+    section_keys, argv, _ = scope_section(keys, WS, write, retention_days=800, now=now,
+                                          mode="L")
+    assert section_keys[1:] == [keys.sketch(WS, p) for p in periods_holding(D)]
+    # mode, head length, 1 day, 1 member key, 2 targets; the day; 2 target deadlines; then the
+    # day's key: deadline 0 (not written), 1 member, "z", 2 targets (the scope's keys 2 and 3).
+    assert argv[0] == "L" and argv[1] == len(keys.sketch_head(WS).encode())
+    assert argv[2:5] == [1, 1, 2]
+    assert argv[5] == D.toordinal()
+    assert argv[8:] == [0, 1, "z", 2, 2, 3]
 
 
 def test_targets_ride_with_every_part_of_their_days_members() -> None:

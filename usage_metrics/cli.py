@@ -137,11 +137,18 @@ async def _rebuild(settings: Settings, org: str, workspace: str | None) -> int:
     await _check_policy(settings)
     async with open_store(settings) as store:
         await check_store(store, settings)
-        deleted = await store.delete_workspace(scope)
-        log.info("deleted %d keys of %s; replaying the retained topic", deleted, name)
-        with progress_bar(f"replay {settings.kafka_topic}") as report:
-            stats = await replay(settings, store, ReplayStart("beginning"), progress=report,
-                                 only=scope)
+        # Answers keep coming from the live sketches until the rebuilt generation is complete;
+        # the consumer writes to both meanwhile, so the switch loses no login.
+        building = await store.begin_rebuild([scope])
+        try:
+            with progress_bar(f"replay {settings.kafka_topic}") as report:
+                stats = await replay(settings, store, ReplayStart("beginning"), progress=report,
+                                     only=scope, building=building)
+            moved = await store.finish_rebuild(building)
+        except BaseException:
+            await store.cancel_rebuild(building)
+            raise
+        log.info("switched %s to its rebuilt generation (%d keys)", name, moved)
     sys.stdout.write(
         f"rebuilt {name} from {stats.messages} messages: {stats.logins} logins "
         f"counted, {stats.excluded} excluded\n"

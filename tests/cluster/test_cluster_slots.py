@@ -409,10 +409,10 @@ async def test_ping_and_delete_workspace_on_the_cluster(
         await add_logins(neighbour, [(ws, "n", END)])
         deleted = await store.delete_workspace(ws)
         periods = {p for i in range(20) for p in periods_holding(END - timedelta(days=i))}
-        # ...and its change stamps and version token; its seq counter stays (sketches.writes).
-        assert deleted == len(periods) + 2
-        assert await redis_client.exists(store.keys.stamps(ws), store.keys.version(ws)) == 0
-        assert await redis_client.exists(store.keys.seq(ws)) == 1
+        # ...and its meta (counter and day stamps); its settings stay.
+        assert deleted == len(periods) + 1
+        assert await redis_client.exists(store.keys.meta(ws)) == 0
+        assert await redis_client.exists(settings_key) == 1
         assert await store.counts(ws, [day_of(END)]) == [0]
         assert await store.counts(other, [day_of(END)]) == [1]
         assert await neighbour.counts(ws, [day_of(END)]) == [1]
