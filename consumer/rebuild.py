@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 from aiokafka.partitioner import murmur2
@@ -38,6 +39,11 @@ from aiokafka.partitioner import murmur2
 from consumer.batch import Parsed, Record
 from sketches.errors import UsageMetricsError
 from sketches.keys import Scope
+
+if TYPE_CHECKING:
+    from consumer.replay import Progress, ReplayStats
+    from sketches.config import Settings
+    from sketches.store import SketchStore
 
 log = logging.getLogger(__name__)
 
@@ -255,3 +261,47 @@ class RecordFilter:
     def check(self, parsed: Parsed) -> None:
         if self.keyed is not None:
             self.keyed.check_logins(parsed)
+
+
+async def rebuild(
+    settings: Settings,
+    store: SketchStore,
+    selection: Selection,
+    *,
+    progress: Progress | None = None,
+    on_begin: Callable[[Mapping[Scope, int]], None] | None = None,
+    take_over: bool = False,
+) -> ReplayStats:
+    """Rebuild the selection in one pass over the retained topic. The new generation of each
+    scope is begun before the topic's end offsets are taken (so the live consumer's writes from
+    then on reach it too), filled by the replay, and switched in one step per scope only once
+    complete; on any failure the generations are cancelled and the old sketches go on
+    answering. ``take_over`` replaces a rebuild of the same scopes that is running or died."""
+    from consumer.replay import ReplayStart, replay
+
+    building = await store.begin_rebuild(sorted(selection.scopes), take_over=take_over)
+    if on_begin is not None:
+        on_begin(building)
+    try:
+        stats = await replay(
+            settings, store, ReplayStart("beginning"), progress=progress,
+            selection=selection, building=building,
+            record_filter=RecordFilter(selection, settings.kafka_record_key == "workspace",
+                                       settings.login_metric_type),
+        )
+        moved = await store.finish_rebuild(building)
+    except BaseException:
+        # Also after a switch that failed part-way: a scope already switched has no generation
+        # left to cancel, so this only drops what was not switched.
+        await _cancel(store, building)
+        raise
+    log.info("switched %s to the rebuilt sketches (%d keys)", selection.describe(), moved)
+    return stats
+
+
+async def _cancel(store: SketchStore, building: Mapping[Scope, int]) -> None:
+    try:
+        await store.cancel_rebuild(building)
+    except Exception as err:  # noqa: BLE001 - the rebuild's own failure is the one to report
+        log.error("could not cancel the rebuild's new generation (%s); the old sketches still "
+                  "answer, a later rebuild of these scopes replaces it", err)

@@ -6,10 +6,16 @@ before the switch."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import subprocess
+import sys
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -18,11 +24,23 @@ from consumer.events import Parser, Rules
 from consumer.rebuild import (
     FEW_NEEDLES,
     Prefilter,
+    RecordFilter,
     Selection,
+    WrongRecordKey,
+    default_partition,
     quoted,
+    rebuild,
+    workspace_key,
 )
+from sketches import scope_settings as wss
+from sketches.config import Settings
 from sketches.errors import BadMessage
 from sketches.keys import Scope, org_scope
+from sketches.periods import Granularity, periods_between
+from sketches.store import SketchStore
+from tests.conftest import create_topics
+from tests.support.kafka import produce, running, wait_applied
+from tests.test_consumer import consumer_env
 from usage_metrics.synth import SynthEvent
 
 NOW = datetime(2026, 12, 7, 12, tzinfo=UTC)
@@ -172,3 +190,200 @@ def test_the_prefilter_drops_other_workspaces_records_without_parsing_them() -> 
     assert quoted("a\\b") is None
     assert quoted("a\x01") is None
     assert not Prefilter(Selection.of([Scope("acme", 'a"b')]))(value("acme", "ab"))
+
+
+# ---------------------------------------------------------------------------- the rebuild
+
+
+def day_counts(events: list[SynthEvent], scope: Scope, tz: str) -> Counter[Any]:
+    days: dict[Any, set[str]] = {}
+    for e in events:
+        if (scope.is_org and e.org_id == scope.org_id) or Scope(e.org_id, e.workspace_id) == scope:
+            days.setdefault(e.timestamp.astimezone(ZoneInfo(tz)).date(), set()).add(e.subject)
+    return Counter({d: len(s) for d, s in days.items()})
+
+
+async def store_day_counts(store: SketchStore, scope: Scope) -> Counter[Any]:
+    today = datetime.now(UTC).date()
+    periods = periods_between(Granularity.DAY, today - timedelta(days=20), today + timedelta(1))
+    counts = await store.counts(scope, periods)
+    return Counter({p.start: c for p, c in zip(periods, counts, strict=True) if c})
+
+
+def spread_events(scopes: list[Scope], per_scope: int = 40) -> list[SynthEvent]:
+    """Logins whose UTC and Tokyo dates differ (15:00-23:00 UTC), so a rebuild that re-buckets
+    a scope in Tokyo time moves them, and one that does not leaves them."""
+    today = datetime.now(UTC).date()
+    out = []
+    for n, ws in enumerate(scopes):
+        for i in range(per_scope):
+            d = today - timedelta(days=1 + i % 9)
+            moment = datetime(d.year, d.month, d.day, 15 + i % 8, tzinfo=UTC)
+            out.append(SynthEvent(ws.org_id, ws.workspace_id, f"u{(i * 7 + n) % 13}", moment))
+    return out
+
+
+async def test_many_scopes_are_rebuilt_in_one_pass_and_no_other(
+    settings: Settings, store: SketchStore, topics: tuple[str, str]
+) -> None:
+    """Every scope moves to Tokyo time; a rebuild of two workspaces of acme, one of globex and
+    acme's own scope, in one pass over the topic, re-buckets exactly those."""
+    topic, _ = topics
+    chosen = [Scope("acme", "a"), Scope("acme", "b"), Scope("globex", "a")]
+    left = [Scope("acme", "c"), Scope("globex", "b")]
+    events = spread_events(chosen + left)
+    ends = await produce(settings.kafka_bootstrap_servers, topic, [e.to_json() for e in events])
+    async with running(settings, store):
+        await wait_applied(store, topic, ends)
+    everything = chosen + left + [org_scope("acme"), org_scope("globex")]
+    for scope in everything:
+        assert await store_day_counts(store, scope) == day_counts(events, scope, "UTC")
+        await wss.save(store.client, store.keys, scope,
+                       wss.OrgSettings(timezone="Asia/Tokyo") if scope.is_org
+                       else wss.WorkspaceSettings(timezone="Asia/Tokyo"))
+
+    selection = Selection.of([*chosen, org_scope("acme")])
+    stats = await rebuild(settings, store, selection)
+    assert stats.messages == len(events)  # one pass: every record read once
+    assert stats.logins == sum(1 for e in events if Scope(e.org_id, e.workspace_id) in chosen
+                               or e.org_id == "acme")
+    for scope in everything:
+        tz = "Asia/Tokyo" if scope in selection.scopes else "UTC"
+        assert await store_day_counts(store, scope) == day_counts(events, scope, tz), scope
+
+
+async def test_the_cli_rebuilds_repeated_workspaces_of_an_org(
+    settings: Settings, store: SketchStore, topics: tuple[str, str]
+) -> None:
+    topic, _ = topics
+    scopes = [Scope("acme", "a"), Scope("acme", "b"), Scope("acme", "c")]
+    events = spread_events(scopes, per_scope=10)
+    await produce(settings.kafka_bootstrap_servers, topic, [e.to_json() for e in events])
+    # Nothing consumed: the rebuild alone writes a and b; c stays empty.
+    done = subprocess.run(
+        [sys.executable, "-m", "usage_metrics.cli", "rebuild", "--org", "acme",
+         "--workspace", "a", "--workspace", "b"],
+        env=consumer_env(settings), capture_output=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert b"rebuilt acme/a, acme/b from 30 messages: 20 logins counted" in done.stdout
+    for scope in scopes[:2]:
+        assert await store_day_counts(store, scope) == day_counts(events, scope, "UTC")
+    assert await store_day_counts(store, scopes[2]) == Counter()
+    refused = subprocess.run(
+        [sys.executable, "-m", "usage_metrics.cli", "rebuild", "--org", "acme",
+         "--workspace", ""], env=consumer_env(settings), capture_output=True, timeout=60,
+    )
+    assert refused.returncode == 2
+    assert b"never empty" in refused.stderr
+
+
+# --------------------------------------------------------------- partitions keyed by workspace
+
+PARTITIONS = 5
+
+
+async def produce_keyed(bootstrap: str, topic: str, events: list[SynthEvent],
+                        key: Any = None, partition: Any = None
+                        ) -> tuple[dict[Scope, int], dict[int, int]]:
+    """Through aiokafka's own default partitioner (``key`` maps an event to its key, else its
+    workspace id); the partition each workspace's records went to, and the end offsets."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    where: dict[Scope, int] = {}
+    ends: dict[int, int] = {}
+    try:
+        futures = [await producer.send(
+            topic, e.to_json(), key=key(e) if key else workspace_key(e.workspace_id),
+            partition=partition(e) if partition else None) for e in events]
+        for e, meta in zip(events, [await f for f in futures], strict=True):
+            where[Scope(e.org_id, e.workspace_id)] = meta.partition
+            ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+    finally:
+        await producer.stop()
+    return where, ends
+
+
+def keyed(settings: Settings) -> Settings:
+    return settings.model_copy(update={"kafka_record_key": "workspace"})
+
+
+@pytest.fixture
+async def five(settings: Settings) -> str:
+    await create_topics(settings.kafka_bootstrap_servers, settings.kafka_topic,
+                        partitions=PARTITIONS)
+    return settings.kafka_topic
+
+
+async def test_a_keyed_rebuild_reads_only_the_partitions_the_default_partitioner_chose(
+    settings: Settings, store: SketchStore, five: str
+) -> None:
+    scopes = [Scope("acme", f"ws-{i}") for i in range(12)]
+    events = spread_events(scopes, per_scope=6)
+    where, _ = await produce_keyed(settings.kafka_bootstrap_servers, five, events)
+    assert len(set(where.values())) > 1
+    for scope, partition in where.items():
+        assert default_partition(workspace_key(scope.workspace_id), PARTITIONS) == partition
+
+    chosen = [scopes[0], scopes[5]]
+    selection = Selection.of(chosen)
+    read = RecordFilter(selection, keyed=True, login_type="login").partitions(PARTITIONS)
+    assert read == sorted({where[ws] for ws in chosen})
+    stats = await rebuild(keyed(settings), store, selection)
+    assert stats.messages == sum(1 for e in events
+                                 if where[Scope(e.org_id, e.workspace_id)] in read)
+    assert stats.messages < len(events)
+    for scope in scopes:
+        want = day_counts(events, scope, "UTC") if scope in chosen else Counter()
+        assert await store_day_counts(store, scope) == want
+    # An org's own scope lies in every partition: all of them are read.
+    stats = await rebuild(keyed(settings), store, Selection.of([org_scope("acme")]))
+    assert stats.messages == len(events)
+    assert await store_day_counts(store, org_scope("acme")) == day_counts(
+        events, org_scope("acme"), "UTC")
+
+
+@pytest.mark.parametrize("how", ["unkeyed", "by-subject", "other-partitioner"])
+async def test_a_wrong_record_key_setting_is_refused_before_the_switch(
+    settings: Settings, store: SketchStore, five: str, how: str
+) -> None:
+    """Producers that do not key (no key), key by something else (the subject: every key sits
+    where the partitioner put it, but it is not the workspace), or use another partitioner
+    (records of a read partition whose keys hash elsewhere): the rebuild fails loudly and the
+    old sketches keep answering."""
+    scopes = [Scope("acme", f"ws-{i}") for i in range(12)]
+    events = spread_events(scopes, per_scope=6)
+    key = {"unkeyed": lambda e: None, "by-subject": lambda e: e.subject.encode(),
+           "other-partitioner": None}[how]
+    partition = (lambda e: int(e.workspace_id.split("-")[1]) % PARTITIONS
+                 ) if how == "other-partitioner" else None
+    if how == "unkeyed":
+        ends = await produce(settings.kafka_bootstrap_servers, five,
+                             [e.to_json() for e in events])
+    else:
+        _, ends = await produce_keyed(settings.kafka_bootstrap_servers, five, events, key,
+                                      partition)
+    target = scopes[3]
+    async with running(settings, store):
+        await wait_applied(store, five, ends)
+    before = await store_day_counts(store, target)
+    assert before == day_counts(events, target, "UTC")
+    await wss.save(store.client, store.keys, target, wss.WorkspaceSettings(timezone="Asia/Tokyo"))
+
+    with pytest.raises(WrongRecordKey, match="KAFKA_RECORD_KEY=none"):
+        await rebuild(keyed(settings), store, Selection.of([target]))
+    assert await store_day_counts(store, target) == before
+    # The same from the command line: exit 2, one line naming the setting, no traceback.
+    done = subprocess.run(
+        [sys.executable, "-m", "usage_metrics.cli", "rebuild", "--org", "acme",
+         "--workspace", target.workspace_id],
+        env=consumer_env(settings, KAFKA_RECORD_KEY="workspace"), capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr.decode()[-2000:]
+    assert b"KAFKA_RECORD_KEY=none" in done.stderr
+    assert b"Traceback" not in done.stderr
+    assert await store_day_counts(store, target) == before
+    # Read in full, the same topic rebuilds fine.
+    await rebuild(settings, store, Selection.of([target]))
+    assert await store_day_counts(store, target) == day_counts(events, target, "Asia/Tokyo")
