@@ -387,3 +387,60 @@ async def test_a_wrong_record_key_setting_is_refused_before_the_switch(
     # Read in full, the same topic rebuilds fine.
     await rebuild(settings, store, Selection.of([target]))
     assert await store_day_counts(store, target) == day_counts(events, target, "Asia/Tokyo")
+
+
+async def test_a_rebuild_already_under_way_is_refused_unless_taken_over(
+    settings: Settings, store: SketchStore, topics: tuple[str, str]
+) -> None:
+    """A rebuild that died leaves its generation marked: the next one says so in one line
+    (exit 1) and names ``--take-over``, which replaces it."""
+    topic, _ = topics
+    ws = Scope("acme", "a")
+    events = spread_events([ws], per_scope=10)
+    await produce(settings.kafka_bootstrap_servers, topic, [e.to_json() for e in events])
+    await store.begin_rebuild([ws])  # the one that died
+    command = [sys.executable, "-m", "usage_metrics.cli", "rebuild", "--org", "acme",
+               "--workspace", "a"]
+    refused = subprocess.run(command, env=consumer_env(settings), capture_output=True,
+                             timeout=120)
+    assert refused.returncode == 1
+    errors = [line for line in refused.stderr.decode().splitlines() if " ERROR " in line]
+    assert len(errors) == 1, refused.stderr
+    assert "--take-over" in errors[0]
+    assert b"Traceback" not in refused.stderr
+    assert await store_day_counts(store, ws) == Counter()
+    done = subprocess.run([*command, "--take-over"], env=consumer_env(settings),
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert await store_day_counts(store, ws) == day_counts(events, ws, "UTC")
+
+
+def test_each_key_check_fails_alone() -> None:
+    """Without the broker: a record of a read partition with no key, with a key the partitioner
+    puts elsewhere, or (skipped unparsed, then sampled) holding a workspace that is not its key
+    fails; records keyed by their own workspace pass and are skipped unparsed."""
+    target = Scope("acme", "ws-0")
+    records = RecordFilter(Selection.of([target]), keyed=True, login_type="login")
+    [home] = records.partitions(PARTITIONS)
+    others = [f"ws-{i}" for i in range(1, 400)
+              if default_partition(workspace_key(f"ws-{i}"), PARTITIONS) == home]
+    elsewhere = next(f"ws-{i}" for i in range(1, 400)
+                     if default_partition(workspace_key(f"ws-{i}"), PARTITIONS) != home)
+
+    def record(key: bytes | None, ws: str, offset: int = 0) -> Any:
+        from aiokafka.structs import ConsumerRecord
+
+        value = SynthEvent("acme", ws, "u1", NOW).to_json()
+        return ConsumerRecord("t", home, offset, 0, 0, key, value, None, 0, len(value), [])
+
+    fine = [record(workspace_key(ws), ws, i) for i, ws in enumerate(others * 40)]
+    assert records.select(fine) == []
+    assert len(records.select([*fine, record(workspace_key("ws-0"), "ws-0")])) == 1
+    with pytest.raises(WrongRecordKey, match="has no key"):
+        records.select([record(None, others[0])])
+    with pytest.raises(WrongRecordKey, match="puts in partition"):
+        records.select([record(workspace_key(elsewhere), elsewhere)])
+    # Keyed by one workspace, holding another: found among the sampled skipped records.
+    lying = [record(workspace_key(others[0]), others[1], i) for i in range(64)]
+    with pytest.raises(WrongRecordKey, match="under key"):
+        records.select(lying)
