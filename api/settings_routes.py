@@ -38,6 +38,7 @@ from api.deps import (
 )
 from api.schemas import ERROR_RESPONSES, ErrorBody
 from sketches import scope_settings as ws_settings
+from sketches import settings_feed
 from sketches.keys import Scope
 from sketches.scope_settings import OrgSettings, S, WorkspaceSettings
 from sketches.store import SketchStore
@@ -121,6 +122,11 @@ async def patch(
         current = decode(raw)
         new = merged(current, changes, defaults)
         if new == current:
+            if raw is not None:
+                # Nothing to write, but announced again: a write whose announcement failed
+                # (a 503 between the two) is repaired by sending the PATCH again. Only stored
+                # settings: the feed must not grow with ids that have none.
+                await settings_feed.announce(store.client, store.keys, [scope])
             return current  # nothing to write (and defaults stay defaults, not pinned)
         if not admitted:
             await ws_settings.admit(store.client, store.keys, scope)

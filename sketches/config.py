@@ -105,8 +105,9 @@ class Settings(BaseSettings):
     consumer_session_timeout_ms: int = Field(default=10_000, ge=1000)
     consumer_heartbeat_interval_ms: int = Field(default=3_000, ge=100)
 
-    # Scope settings: the zone of workspaces that set none, and how long the consumer may
-    # use settings it has read before it reads them again (a change shows within this bound).
+    # Scope settings: the zone of workspaces that set none, and how often the consumer reads
+    # the settings feed (at most once per batch; a change shows within this bound, and costs a
+    # read of that scope only: consumer.settings_cache).
     default_timezone: str = "UTC"
     settings_cache_seconds: float = Field(default=30.0, ge=0)
 

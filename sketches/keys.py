@@ -69,6 +69,23 @@ def decode_id(encoded: str) -> str:
     return unquote(encoded, errors="strict")
 
 
+def feed_member(scope: Scope) -> str:
+    """A scope as a member of the settings feed: its hash tag without the braces. One-to-one
+    (ids are percent-encoded, never holding ``:``), and never ``!`` or ``#...``, the feed's own
+    members (``encode_id`` escapes both)."""
+    if not scope.workspace_id:
+        return encode_id(scope.org_id)
+    return encode_id(scope.org_id) + ":" + encode_id(scope.workspace_id)
+
+
+def parse_feed_member(member: str) -> Scope:
+    """The inverse of ``feed_member``."""
+    if ":" not in member:
+        return org_scope(decode_id(member))
+    org, ws = member.split(":")
+    return Scope(decode_id(org), decode_id(ws))
+
+
 @functools.lru_cache(maxsize=65536)
 def _hash_tag(org_id: str, workspace_id: str) -> str:
     # Cached: a query builds ~1,000 keys of one workspace and a batch thousands of a few hundred.
@@ -147,6 +164,18 @@ class KeySpace:
         """The workspaces of one org that have settings but no data yet: a set, bounded per org
         (``sketches.scope_settings.save``), hash-tagged by the org."""
         return f"{self.prefix}:settings-without-data:{{{encode_id(org_id)}}}"
+
+    def settings_feed(self) -> str:
+        """Which scopes' settings changed, in order: one sorted set for every scope, each
+        member an encoded scope (``feed_member``) scored by the number of its latest change,
+        beside a counter member (``sketches.scope_settings``). One key in one cluster slot, so
+        a consumer learns every change with one command per batch instead of one read per
+        scope. Not per mode: settings are not."""
+        return f"{self.prefix}:settings-feed:{{settings-feed}}"
+
+    def settings_feed_lock(self) -> str:
+        """Held while one process fills the feed from the stored settings (beside the feed)."""
+        return f"{self.prefix}:settings-feed-lock:{{settings-feed}}"
 
     def parse_workspace(self, key: str) -> Scope:
         """The workspace of one of this keyspace's workspace keys (inverse of hash_tag)."""

@@ -289,11 +289,19 @@ PRESENCE_SCRIPT = (
 STATE_SCRIPT = """
 local out = {}
 for i = 3, #KEYS do out[i - 2] = redis.call('EXISTS', KEYS[i]) end
-return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]), table.concat(out),
-        redis.call('PTTL', KEYS[1])}
+local ttl = redis.call('PTTL', KEYS[1])
+local expires = -2
+if ttl > 0 then
+  local now = redis.call('TIME')
+  expires = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + ttl
+elseif ttl == -1 then
+  expires = -1
+end
+return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]), table.concat(out), expires}
 """
-"""A scope's ``meta`` (epoch, counter, day stamps), its stored result, and which of its span's
-keys exist, read in one atomic step: what the recompute starts from."""
+"""A scope's ``meta`` (epoch, counter, day stamps), its stored result, which of its span's keys
+exist, and when ``meta`` expires (Unix ms; -1 without a deadline, -2 gone), read in one atomic step:
+what the recompute starts from."""
 
 
 def window_any(changed: npt.NDArray[np.bool_], width: int) -> npt.NDArray[np.bool_]:
@@ -726,22 +734,27 @@ class Answers:
             for (column, _, where), count in zip(wanted_counts, counts, strict=True):
                 stored.values[column, where] = count
 
-    async def _write_back(self, scope: Scope, stored: Stored, meta_ttl_ms: int) -> None:
-        """File the result under the scope, to expire no later than its ``meta`` (whose
-        ``PTTL`` was read with the stamps): a result must not outlive the counter that stamped
-        it, or a counter that started again could hand out its values once more.
+    async def _write_back(self, scope: Scope, stored: Stored, meta_expires_ms: int) -> None:
+        """File the result under the scope, to expire when its ``meta`` does (the instant was
+        read with the stamps): a result must not outlive the counter that stamped it, or a
+        counter that started again could hand out its values once more.
 
         Sent without making the response wait: a write that fails, or that a later request
         does not see yet, only costs that request a recompute. At most ``MAX_PENDING_WRITES``
         are in flight; past that the response waits for its own write."""
-        if meta_ttl_ms == -2:  # meta is gone: nothing may outlive it
+        if meta_expires_ms == -2:  # meta is gone: nothing may outlive it
             return
-        ttl = meta_ttl_ms if meta_ttl_ms > 0 else self.retention_days * 86_400_000
         key = self.store.keys.result(scope, "v1")
+        expiry: tuple[Any, ...] = (
+            ("PXAT", meta_expires_ms) if meta_expires_ms > 0
+            else ("PX", self.retention_days * 86_400_000)  # meta without a deadline
+        )
 
         async def write() -> list[Any]:
             # Encoded here, after the response: this request's ``stored`` is not used again.
-            return await run_pipeline(self.store.client, [("SET", key, stored.encode(), "PX", ttl)])
+            return await run_pipeline(
+                self.store.client, [("SET", key, stored.encode(), *expiry)]
+            )
 
         if len(self._pending) >= MAX_PENDING_WRITES:
             await write()

@@ -6,9 +6,10 @@ does the same per workspace. A login counts on the local date of its timestamp i
 workspace's timezone *at ingestion*, so changing the timezone applies to logins ingested from
 then on; ``usage-metrics rebuild`` re-buckets the retained history.
 
-Settings live in Redis beside the workspace's sketches (same hash tag, one JSON string). The
-consumer caches them for ``SETTINGS_CACHE_SECONDS`` so that a change is seen within a bounded time
-without one extra read per event.
+Settings live in Redis beside the workspace's sketches (same hash tag, one JSON string). Every
+write is followed by an announcement in the settings feed (``sketches.settings_feed``); the
+consumer reads the feed at most every ``SETTINGS_CACHE_SECONDS`` and re-reads only the scopes it
+names, so a change is seen within that bound without one extra read per event or per scope.
 
 An org has settings of its own (timezone, week start) for its org-level sketches: its members are
 counted on the org's local dates, whatever the zones of its workspaces. A login that its
@@ -43,6 +44,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sketches import settings_feed
 from sketches.errors import UsageMetricsError
 from sketches.keys import KeySpace, Scope
 from sketches.periods import WeekStart
@@ -406,6 +408,7 @@ async def save(client: Any, keys: KeySpace, ws: Scope, settings: ScopeSettings) 
     if not ws.is_org:  # an org's own settings are one key per org, bounded by the orgs
         await admit(client, keys, ws)
     await run_pipeline(client, [("SET", keys.settings(ws), encode(settings))])
+    await settings_feed.announce(client, keys, [ws])
 
 
 # KEYS[1] the settings key; ARGV: "1" if a value was read (else "0"), the value read, the new one.
@@ -437,4 +440,7 @@ async def compare_and_set(
         "EVAL", _COMPARE_AND_SET, 1, keys.settings(scope),
         "0" if expected is None else "1", expected or b"", encode(settings),
     )])
-    return bool(done == 1)
+    if done != 1:
+        return False
+    await settings_feed.announce(client, keys, [scope])
+    return True

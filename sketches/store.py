@@ -94,6 +94,7 @@ from sketches.periods import ONE_DAY, Period, WeekStart, date_range, day_of
 from sketches.writes import (
     BEGIN_SCRIPT,
     CANCEL_SCRIPT,
+    MEMBERS_PER_CALL,
     META_SLACK_DAYS,
     SWITCH_SCRIPT,
     WRITE_SCRIPT,
@@ -249,6 +250,8 @@ class SketchStore(abc.ABC):
         self._record_head = sample[: sample.index("{")]
 
     _add_verb: str = "PFADD"
+    members_per_call: int = MEMBERS_PER_CALL
+    """Members per write script call (``sketches.writes``); tests lower it to split batches."""
 
     @abc.abstractmethod
     def _count_command(self, key: str) -> tuple[Any, ...]: ...
@@ -295,7 +298,7 @@ class SketchStore(abc.ABC):
         batch_calls = calls(
             WRITE_SHA, self.keys, grouped, retention_days=self.retention_days, now=now,
             token=new_token(), command=self._add_verb, building=building,
-            slot_of=self._slot_of if self.cluster else None,
+            slot_of=self._slot_of if self.cluster else None, limit=self.members_per_call,
         )
         commands = [c.command for c in batch_calls]
         try:

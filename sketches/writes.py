@@ -63,6 +63,8 @@ MEMBERS_PER_CALL = 2000
 holds Redis for long."""
 UNPACK_CHUNK = 4000
 """Members per ``PFADD`` inside the script: Lua's ``unpack`` is limited to ~8,000 values."""
+COUNTER_WRAP = 2**53 - 2**20
+"""Where the counter starts again under a new epoch: Lua's numbers are exact below 2**53."""
 PRUNE_EVERY = 256
 """Every this many writes of a scope, the script drops its day stamps older than the stored
 span (one ``HKEYS``): bookkeeping stays proportional to the days a scope can be asked about."""
@@ -100,6 +102,15 @@ for _ = 1, nscopes do
   local gens = {}
   if mode == 'L' then
     local n = redis.call('HINCRBY', meta, 'n', 1)
+    if n >= WRAP then
+      -- Lua counts in doubles, exact up to 2^53: the counter starts again under a new epoch,
+      -- without the old stamps, so no value is ever handed out twice in one epoch.
+      local keep = redis.call('HGET', meta, 'b')
+      redis.call('DEL', meta)
+      if keep then redis.call('HSET', meta, 'b', keep) end
+      n = redis.call('HINCRBY', meta, 'n', 1)
+      redis.call('HSET', meta, 'e', token)
+    end
     if ndays > 0 then
       local hs = {}
       for d = i, i + ndays - 1 do
@@ -172,7 +183,7 @@ for _ = 1, nscopes do
   kb = kb + 1 + nm + nt
 end
 return {failed, refused}
-""".replace("CHUNK", str(UNPACK_CHUNK))
+""".replace("CHUNK", str(UNPACK_CHUNK)).replace("WRAP", str(COUNTER_WRAP))
 
 
 BEGIN_SCRIPT = """

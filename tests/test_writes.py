@@ -81,7 +81,8 @@ def test_a_day_past_its_deadline_still_reaches_its_week_and_month() -> None:
     assert section_keys[1:] == [keys.sketch(WS, p) for p in periods_holding(D)]
     # mode, head length, 1 day, 1 member key, 2 targets; the day; 2 target deadlines; then the
     # day's key: deadline 0 (not written), 1 member, "z", 2 targets (the scope's keys 2 and 3).
-    assert argv[0] == "L" and argv[1] == len(keys.sketch_head(WS).encode())
+    assert argv[0] == "L"
+    assert argv[1] == len(keys.sketch_head(WS).encode())
     assert argv[2:5] == [1, 1, 2]
     assert argv[5] == D.toordinal()
     assert argv[8:] == [0, 1, "z", 2, 2, 3]
