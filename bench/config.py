@@ -67,9 +67,9 @@ class BenchConfig:
     tenant_query: bool = True
     tenant_rebuild: bool = True
     tenant_dense_dau: int = 3_000  # the live query's workspace (the densest of issue 10)
-    # Settings (NAME=value,...) given to the rebuild of the topic keyed by workspace id, such as
-    # one that says producers key by workspace; none exists yet.
-    tenant_keyed_env: str = ""
+    # Settings (NAME=value,...) given to the rebuild of the topic keyed by workspace id: the one
+    # that says producers key by workspace, so that it reads only the partitions that can hold it.
+    tenant_keyed_env: str = "KAFKA_RECORD_KEY=workspace"
 
     # Accuracy: log-spaced cardinalities, independent sketches per cardinality.
     acc_min: int = 10

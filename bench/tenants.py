@@ -23,8 +23,10 @@ before and after it is rewritten.
   730-day request repeated with no new data, interleaved with ``/healthz``.
 - Rebuild: ``usage-metrics rebuild`` of one workspace among the largest count, on a topic whose
   producers do not key by workspace and on one keyed by workspace id with Kafka's default
-  partitioner, each beside ``python -m bench.bare`` on the same topic; the rebuild's fixed cost
-  (start-up, connections, deletion) is measured on an empty topic and taken off.
+  partitioner (rebuilt with ``--tenant-keyed-env``, by default ``KAFKA_RECORD_KEY=workspace``,
+  so that it reads only the partition that can hold the workspace), each beside
+  ``python -m bench.bare`` on the same topic; the rebuild's fixed cost (start-up, connections,
+  beginning and switching the new generation) is measured on an empty topic and taken off.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, tzinfo
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
@@ -27,6 +27,9 @@ from sketches.errors import BadMessage
 from sketches.keys import Scope
 from sketches.periods import Period, WeekStart, periods_holding
 from sketches.scope_settings import Resolved
+
+if TYPE_CHECKING:
+    from consumer.rebuild import Selection
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
@@ -119,12 +122,13 @@ def _local_date(moment: datetime, tz: tzinfo) -> date:
 def bucket(
     parsed: Parsed,
     configs: Mapping[Scope, Resolved],
-    only: Scope | None = None,
+    only: Selection | None = None,
 ) -> Prepared:
     """Group the logins into sketches of their workspace and of their org. ``configs`` must hold
-    every scope of ``parsed.scopes``; ``only`` keeps one scope (a rebuild): a workspace alone, or
-    an org's own sketches alone (from every workspace of the org). A login that fails here (a
-    moment a timezone cannot hold, say) is dead-lettered alone."""
+    every scope of ``parsed.scopes``; ``only`` keeps the scopes of a rebuild's selection:
+    workspaces alone, and orgs' own sketches alone (from every workspace of the org). A login
+    that fails here (a moment a timezone cannot hold, say) is dead-lettered alone."""
+    keep = only.scopes if only is not None else None
     out = Prepared(
         dead=list(parsed.dead), filtered=parsed.filtered, next_offsets=parsed.next_offsets
     )
@@ -139,7 +143,7 @@ def bucket(
                 plan = plans[ws]
             except KeyError:
                 org = ws.org
-                mine, theirs = only is None or only == ws, only is None or only == org
+                mine, theirs = keep is None or ws in keep, keep is None or org in keep
                 plan = plans[ws] = (
                     (org, configs[ws], configs[org].tz, mine, theirs) if mine or theirs else None
                 )

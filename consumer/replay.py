@@ -24,8 +24,10 @@ from typing import Literal
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
+from consumer.batch import Record
 from consumer.fetching import FetchOverBudget, InflateBudget, install, unreadable
 from consumer.kafka import make_kafka_consumer
+from consumer.rebuild import RecordFilter, Selection
 from consumer.writer import BatchWriter, Clock, utc_now
 from sketches.config import Settings
 from sketches.errors import UsageMetricsError
@@ -104,10 +106,13 @@ async def replay(
     *,
     progress: Progress | None = None,
     clock: Clock = utc_now,
-    only: Scope | None = None,
+    selection: Selection | None = None,
     building: Mapping[Scope, int] | None = None,
+    record_filter: RecordFilter | None = None,
 ) -> ReplayStats:
-    """Re-read from ``start`` to the end as it stands now; ``only`` rebuilds one workspace."""
+    """Re-read from ``start`` to the end as it stands now. A rebuild (``consumer.rebuild``)
+    gives the ``selection`` of scopes to keep, the store generation each is ``building``, and
+    the ``record_filter`` that picks the partitions to read and the records to parse."""
     consumer = make_kafka_consumer(settings, group_id=None)
     await consumer.start()
     stats = ReplayStats()
@@ -116,14 +121,22 @@ async def replay(
         parts = consumer.partitions_for_topic(settings.kafka_topic)
         if not parts:
             raise ValueError(f"topic {settings.kafka_topic!r} does not exist")
+        chosen = record_filter.partitions(len(parts)) if record_filter is not None else None
+        if chosen is not None:
+            log.info("reading partitions %s of %d: producers key by workspace id", chosen,
+                     len(parts))
         tps = await _seek(
-            consumer, [TopicPartition(settings.kafka_topic, p) for p in sorted(parts)], start
+            consumer,
+            [TopicPartition(settings.kafka_topic, p) for p in sorted(parts)
+             if chosen is None or p in chosen],
+            start,
         )
         stop_at = await consumer.end_offsets(tps)
         first = {tp: await consumer.position(tp) for tp in tps}
         hw_seen: set[TopicPartition] = set()
         total = sum(max(0, stop_at[tp] - first[tp]) for tp in tps)
-        writer = BatchWriter(settings, store, None, clock, only, building=building)
+        writer = BatchWriter(settings, store, None, clock, selection=selection,
+                             building=building)
         done = 0
         budget = InflateBudget(settings.consumer_max_fetch_inflated_bytes)
         install(budget)
@@ -167,12 +180,18 @@ async def replay(
                     if high > stop_at[tp]:
                         total += high - stop_at[tp]
                         stop_at[tp] = high
-            records = [
-                r for batch in fetched.values() for r in batch
-                if r.offset < stop_at[TopicPartition(r.topic, r.partition)]
-            ]
+            records: list[Record] = []
+            for tp, batch in fetched.items():
+                if not batch:
+                    continue
+                stop = stop_at[tp]
+                part = batch if batch[-1].offset < stop else [r for r in batch if r.offset < stop]
+                records.extend(record_filter.select(part) if record_filter is not None else part)
             if records:
-                prepared = await writer.write(writer.parse(records), record_offsets=False)
+                parsed = writer.parse(records)
+                if record_filter is not None:
+                    record_filter.check(parsed)
+                prepared = await writer.write(parsed, record_offsets=False)
                 assert prepared is not None  # no stop callback: write retries until stored
                 stats.logins += prepared.logins
                 stats.filtered += prepared.filtered

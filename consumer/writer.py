@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiokafka.errors import KafkaError
 
@@ -25,6 +25,9 @@ from sketches.config import Settings
 from sketches.errors import CorruptSketch, StoreUnavailable
 from sketches.keys import Scope
 from sketches.store import SketchStore
+
+if TYPE_CHECKING:
+    from consumer.rebuild import Selection
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +66,14 @@ class BatchWriter:
         store: SketchStore,
         dead_letters: DeadLetters | None,
         clock: Clock = utc_now,
-        only: Scope | None = None,
         pause: Pause | None = None,
+        *,
+        selection: Selection | None = None,
         building: Mapping[Scope, int] | None = None,
     ) -> None:
+        """``selection`` and ``building`` are a rebuild's (``consumer.rebuild``): only the
+        selected scopes are written, each only to the store generation it is building. The group
+        consumer gives neither: every scope, to the generation that answers."""
         self.settings = settings
         # Why the writer waits (a full Redis), for readiness and the stall watchdog.
         self.pause = pause if pause is not None else Pause()
@@ -74,8 +81,7 @@ class BatchWriter:
         self.dead_letters = dead_letters
         self.rules = rules_from(settings)
         self.clock = clock
-        self.only = only
-        # A rebuild's generations: its writes go to them only (``SketchStore.begin_rebuild``).
+        self.selection = selection
         self.building = building
         self.workspace_settings = SettingsCache(
             store, settings.default_timezone, settings.settings_cache_seconds
@@ -106,7 +112,7 @@ class BatchWriter:
         async def store_batch() -> tuple[Prepared, list[CorruptSketch]]:
             timing[:] = [time.perf_counter()]
             configs = await self.workspace_settings.resolve(parsed.scopes)
-            prepared = bucket(parsed, configs, self.only)
+            prepared = bucket(parsed, configs, self.selection)
             # The store's offsets decide where a restart resumes, so they are recorded only once
             # the batch's dead letters (bucketing may add some) are acknowledged: recorded with
             # the sketches, a crash before the dead letters went out would skip them for good.

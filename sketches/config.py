@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
     kafka_ssl_key_password: SecretStr | None = None
+    # How the topic's producers key records (consumer.rebuild): ``workspace`` means every record
+    # is keyed by its workspace id (UTF-8) with Kafka's default partitioner (murmur2), so a
+    # rebuild of workspaces reads only the partitions that can hold them; it checks every record
+    # it reads and refuses to switch when that is not so. ``none``: nothing is assumed.
+    kafka_record_key: Literal["none", "workspace"] = "none"
 
     # Before REDIS_URL, whose check depends on it (a cluster takes other URL parameters).
     redis_cluster: bool = False

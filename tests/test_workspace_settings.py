@@ -24,6 +24,7 @@ from api.app import create_app
 from api.auth import issue_token
 from consumer.batch import bucket, parse_records
 from consumer.events import Rules
+from consumer.rebuild import Selection
 from consumer.replay import ReplayStart, replay
 from consumer.settings_cache import SettingsCache
 from sketches import scope_settings as wss
@@ -354,7 +355,7 @@ async def test_replay_only_one_workspace_leaves_the_others_alone(
     await produce(settings.kafka_bootstrap_servers, topic,
                   [SynthEvent(w.org_id, w.workspace_id, "u1", moment).to_json()
                    for w in (WS, other)])
-    stats = await replay(settings, store, ReplayStart("beginning"), only=WS)
+    stats = await replay(settings, store, ReplayStart("beginning"), selection=Selection.of([WS]))
     assert stats.logins == 1
     d = moment.date()
     assert await store.counts(WS, [day_of(d)]) == [1]

@@ -72,6 +72,13 @@ def _offsets_arg(text: str) -> dict[int, int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _workspace_arg(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("a workspace id is never empty (omit --workspace to "
+                                         "rebuild the org's own sketches)")
+    return text
+
+
 def _parse_when(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text)
@@ -121,34 +128,41 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _rebuild(settings: Settings, org: str, workspace: str | None) -> int:
-    """One workspace's sketches, or (without a workspace) the org's own, deleted and replayed
-    from the retained topic: the other scopes are not touched."""
+async def _rebuild(settings: Settings, org: str, workspaces: Sequence[str],
+                   take_over: bool = False) -> int:
+    """The selected workspaces' sketches (or, without a workspace, the org's own) rebuilt from
+    the retained topic in one pass; the other scopes are not touched, and the old sketches
+    answer until the new ones are complete (``consumer.rebuild``)."""
     from consumer.kafka import check_kafka_access
-    from consumer.replay import ReplayStart, replay
+    from consumer.rebuild import Selection, WrongRecordKey, rebuild
+    from consumer.replay import UnreadableRange
     from sketches.connection import check_store, open_store
+    from sketches.errors import RebuildInterrupted, RebuildRunning
     from sketches.keys import Scope, org_scope
 
-    # Before anything is deleted: a rebuild that cannot read the topic must leave the old
-    # sketches in place.
+    # Before a new generation is begun: a rebuild that cannot read the topic must leave the
+    # store as it was.
     await check_kafka_access(settings)
-    scope = Scope(org, workspace) if workspace else org_scope(org)
-    name = f"{org}/{workspace}" if workspace else f"org {org}"
+    selection = Selection.of([Scope(org, w) for w in workspaces] if workspaces
+                             else [org_scope(org)])
+    name = selection.describe()
     await _check_policy(settings)
-    async with open_store(settings) as store:
-        await check_store(store, settings)
-        # Answers keep coming from the live sketches until the rebuilt generation is complete;
-        # the consumer writes to both meanwhile, so the switch loses no login.
-        building = await store.begin_rebuild([scope])
-        try:
-            with progress_bar(f"replay {settings.kafka_topic}") as report:
-                stats = await replay(settings, store, ReplayStart("beginning"), progress=report,
-                                     only=scope, building=building)
-            moved = await store.finish_rebuild(building)
-        except BaseException:
-            await store.cancel_rebuild(building)
-            raise
-        log.info("switched %s to its rebuilt generation (%d keys)", name, moved)
+    try:
+        async with open_store(settings) as store:
+            await check_store(store, settings)
+            with progress_bar(f"rebuild {settings.kafka_topic}") as report:
+                stats = await rebuild(
+                    settings, store, selection, progress=report,
+                    on_begin=lambda _: log.info("rebuilding %s; the old sketches answer until "
+                                                "the new ones are complete", name),
+                    take_over=take_over,
+                )
+    except WrongRecordKey as err:
+        log.error("%s", err)
+        return EXIT_INVALID_SETTINGS
+    except (RebuildRunning, RebuildInterrupted, UnreadableRange) as err:
+        log.error("%s", err)
+        return 1
     sys.stdout.write(
         f"rebuilt {name} from {stats.messages} messages: {stats.logins} logins "
         f"counted, {stats.excluded} excluded\n"
@@ -211,11 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds (default 3600; at most JWT_MAX_LIFETIME_SECONDS)")
     rb = sub.add_parser(
         "rebuild",
-        help="delete one workspace's sketches (or, without --workspace, the org's own) and "
-        "replay the retained topic for it",
+        help="rebuild workspaces' sketches (or, without --workspace, the org's own) from the "
+        "retained topic in one pass, switching to them once complete",
     )
     rb.add_argument("--org", required=True)
-    rb.add_argument("--workspace", help="omit to rebuild the org's own sketches")
+    rb.add_argument("--workspace", action="append", default=[], type=_workspace_arg,
+                    help="repeat for several workspaces of the org; omit to rebuild the org's "
+                    "own sketches")
+    rb.add_argument("--take-over", action="store_true",
+                    help="replace a rebuild of the same scopes that is running or stopped "
+                    "before it finished (its writes are then refused)")
     demo = sub.add_parser("demo", help="run everything locally with synthetic logins")
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--days", type=int, default=42, help="days of synthetic history")
@@ -298,7 +317,7 @@ def _kafka_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "replay":
         return _run(_replay(settings, args))
     if args.command == "rebuild":
-        return _run(_rebuild(settings, args.org, args.workspace))
+        return _run(_rebuild(settings, args.org, args.workspace, args.take_over))
     from usage_metrics.demo import run_demo
 
     return asyncio.run(run_demo(args.port, args.days, args.exit_when_ready))
