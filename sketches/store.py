@@ -74,7 +74,7 @@ import secrets
 import time as time_module
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal, TypeAlias
 
 from redis import exceptions as rexc
@@ -90,10 +90,19 @@ from sketches.errors import (
     StoreUnavailable,
 )
 from sketches.keys import KeySpace, Scope
-from sketches.periods import ONE_DAY, Period, WeekStart, date_range, day_of
+from sketches.periods import (
+    ONE_DAY,
+    Granularity,
+    Period,
+    WeekStart,
+    date_range,
+    day_of,
+    periods_between,
+)
 from sketches.writes import (
     BEGIN_SCRIPT,
     CANCEL_SCRIPT,
+    DEADLINE_SLACK_DAYS,
     MEMBERS_PER_CALL,
     META_SLACK_DAYS,
     SWITCH_SCRIPT,
@@ -569,10 +578,9 @@ class SketchStore(abc.ABC):
         returns the sketches moved. Raises ``RebuildInterrupted`` for a scope whose generation
         is no longer the one being filled: that scope keeps its live sketches."""
         moved = 0
+        live_names = self._live_candidates(self.clock())
         for scope, generation in building.items():
-            live = [k for k in await self._keys_with_prefix(scope, self.keys.sketch_head(scope)
-                                                            + ":")
-                    if not k.endswith((b":meta",))]
+            live = [self.keys.sketch(scope, p) for p in live_names]
             result = await self._script(
                 SWITCH_SCRIPT,
                 [self.keys.meta(scope), self.keys.registry(scope, generation), *live],
@@ -585,6 +593,17 @@ class SketchStore(abc.ABC):
                 )
             moved += int(result)
         return moved
+
+    def _live_candidates(self, now: float) -> list[Period]:
+        """Every period a live sketch can exist for: any day, week (either start) and month
+        from the retention horizon, less the deadline slack and a day for the zones, to two
+        days ahead. An older key has passed its deadline (``sketches.writes.expire_at``), so
+        the switch names these instead of scanning the keyspace, which cost ~2 s a scope on a
+        store of 2,000,000 keys."""
+        today = datetime.fromtimestamp(now, UTC).date()
+        first = today - timedelta(days=self.retention_days + DEADLINE_SLACK_DAYS + 2)
+        last = today + timedelta(days=2)
+        return [p for g in Granularity for p in periods_between(g, first, last)]
 
     async def cancel_rebuild(self, building: Mapping[Scope, int]) -> None:
         """Stop filling each scope's generation and delete what it holds; the live sketches
