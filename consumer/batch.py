@@ -29,7 +29,7 @@ from sketches.periods import Period, WeekStart, periods_holding
 from sketches.scope_settings import Resolved
 
 if TYPE_CHECKING:
-    from consumer.rebuild import Selection
+    from consumer.selection import Selection
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 

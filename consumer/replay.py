@@ -27,7 +27,8 @@ from aiokafka.structs import TopicPartition
 from consumer.batch import Record
 from consumer.fetching import FetchOverBudget, InflateBudget, install, unreadable
 from consumer.kafka import make_kafka_consumer
-from consumer.rebuild import RecordFilter, Selection
+from consumer.recordfilter import RecordFilter
+from consumer.selection import Selection
 from consumer.writer import BatchWriter, Clock, utc_now
 from sketches.config import Settings
 from sketches.errors import UsageMetricsError

@@ -27,7 +27,7 @@ from sketches.keys import Scope
 from sketches.store import SketchStore
 
 if TYPE_CHECKING:
-    from consumer.rebuild import Selection
+    from consumer.selection import Selection
 
 log = logging.getLogger(__name__)
 

@@ -21,17 +21,17 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from consumer.events import Parser, Rules
-from consumer.rebuild import (
+from consumer.rebuild import rebuild
+from consumer.recordfilter import (
     FEW_NEEDLES,
     Prefilter,
     RecordFilter,
-    Selection,
     WrongRecordKey,
     default_partition,
     quoted,
-    rebuild,
     workspace_key,
 )
+from consumer.selection import Selection
 from sketches import scope_settings as wss
 from sketches.config import Settings
 from sketches.errors import BadMessage

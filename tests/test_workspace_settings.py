@@ -24,8 +24,8 @@ from api.app import create_app
 from api.auth import issue_token
 from consumer.batch import bucket, parse_records
 from consumer.events import Rules
-from consumer.rebuild import Selection
 from consumer.replay import ReplayStart, replay
+from consumer.selection import Selection
 from consumer.settings_cache import SettingsCache
 from sketches import scope_settings as wss
 from sketches.config import Settings

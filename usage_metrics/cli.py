@@ -134,8 +134,10 @@ async def _rebuild(settings: Settings, org: str, workspaces: Sequence[str],
     the retained topic in one pass; the other scopes are not touched, and the old sketches
     answer until the new ones are complete (``consumer.rebuild``)."""
     from consumer.kafka import check_kafka_access
-    from consumer.rebuild import Selection, WrongRecordKey, rebuild
+    from consumer.rebuild import rebuild
+    from consumer.recordfilter import WrongRecordKey
     from consumer.replay import UnreadableRange
+    from consumer.selection import Selection
     from sketches.connection import check_store, open_store
     from sketches.errors import RebuildInterrupted, RebuildRunning
     from sketches.keys import Scope, org_scope
