@@ -280,11 +280,16 @@ def span_of(
     return Span(tuple(names), count, week_of, month_of_day)
 
 
-PRESENCE_SCRIPT = (
-    "local out = {} for i, k in ipairs(KEYS) do out[i] = redis.call('EXISTS', k) end "
-    "return table.concat(out)"
-)
-"""Whether each key exists, as one string of 0s and 1s: one reply, whatever the key count."""
+SNAPSHOT_SCRIPT = """
+local m = redis.call('HMGET', KEYS[1], 'e', 'n')
+local present = 0
+if #KEYS > 1 then present = redis.call('EXISTS', unpack(KEYS, 2)) end
+return {m[1], m[2], redis.call('PTTL', KEYS[1]), present}
+"""
+"""A scope's epoch, counter and meta TTL, and how many of the given span keys exist, in one
+atomic step: all a repeated request needs. With the version unchanged no key can have been
+created (every write bumps the counter; a switch changes the epoch), so the same count means no
+key vanished either."""
 
 STATE_SCRIPT = """
 local out = {}
@@ -406,8 +411,8 @@ class Query:
 
 @dataclass
 class Snapshot:
-    """What the first round trip read about a scope: its settings, epoch and counter, and which
-    keys of the span it was last answered over exist (``presence``, None if not read)."""
+    """What the first round trip read about a scope: its settings, epoch and counter, and how
+    many keys of the span it was last answered over exist (``present``, None if not read)."""
 
     scope: Scope
     settings: ScopeSettings
@@ -416,13 +421,13 @@ class Snapshot:
     seq: int | None
     seq_ttl_ms: int
     span_id: Hashable | None = None
-    presence: bytes | None = None
+    present: int | None = None
 
     @property
     def version(self) -> tuple[str, int] | None:
         """The scope's state as writes left it: every write bumps the counter and a rebuild's
         switch (or a counter that started again) changes the epoch, so one version is one state
-        of the sketches, unless keys vanished, which ``presence`` tells."""
+        of the sketches, unless keys vanished, which ``present`` tells."""
         if self.epoch is None or self.seq is None:
             return None
         return (self.epoch, self.seq)
@@ -442,7 +447,7 @@ class Counters:
 class CacheEntry:
     version: tuple[str, int]
     span_id: Hashable
-    presence: bytes
+    present: int
     body: bytes
 
 
@@ -467,8 +472,8 @@ class ResultCache:
             entry is None
             or entry.version != version
             or entry.span_id != snap.span_id
-            or snap.presence is None
-            or entry.presence != snap.presence
+            or snap.present is None
+            or entry.present != snap.present
         ):
             self.misses += 1
             return None
@@ -496,7 +501,7 @@ class Computed:
     series: Series
     version: tuple[str, int] | None = None
     span_id: Hashable | None = None
-    presence: bytes | None = None
+    present: int | None = None
 
 
 class Answers:
@@ -526,26 +531,23 @@ class Answers:
         self._spans: OrderedDict[Scope, tuple[Hashable, Span]] = OrderedDict()
 
     async def snapshot(self, scope: Scope) -> Snapshot:
-        """Settings, epoch, counter, and (for a scope answered before) whether the keys of its
-        last span still exist: all a repeated request needs to prove its cached body current,
-        in one round trip."""
+        """Settings, epoch, counter, and (for a scope answered before) how many keys of its last
+        span exist: all a repeated request needs to prove its cached body current, in one round
+        trip."""
         await self._settled(scope)
         keys = self.store.keys
-        commands: list[tuple[Any, ...]] = [
-            ("GET", keys.settings(scope)),
-            ("HMGET", keys.meta(scope), "e", "n"),
-            ("PTTL", keys.meta(scope)),
-        ]
         last = self._spans.get(scope)
-        if last is not None:
-            commands.append(("EVAL", PRESENCE_SCRIPT, len(last[1].keys), *last[1].keys))
-        raw = await run_pipeline(self.store.client, commands)
-        settings_raw, meta, ttl = (None if isinstance(r, BaseException) else r for r in raw[:3])
-        epoch, count = meta if isinstance(meta, list) and len(meta) == 2 else (None, None)
+        span_keys = last[1].keys if last is not None else ()
+        settings_raw, state = await run_pipeline(self.store.client, [
+            ("GET", keys.settings(scope)),
+            ("EVAL", SNAPSHOT_SCRIPT, 1 + len(span_keys), keys.meta(scope), *span_keys),
+        ])
+        if isinstance(settings_raw, BaseException):
+            settings_raw = None
+        if isinstance(state, BaseException) or not isinstance(state, list) or len(state) != 4:
+            raise state if isinstance(state, UsageMetricsError) else StoreUnavailable(str(state))
+        epoch, count, ttl, present = state
         settings = decode_scope(settings_raw, scope, self.default_timezone)
-        presence: bytes | None = None
-        if last is not None and isinstance(raw[3], bytes | str):
-            presence = raw[3].encode() if isinstance(raw[3], str) else raw[3]
         return Snapshot(
             scope=scope,
             settings=settings,
@@ -554,7 +556,7 @@ class Answers:
             seq=int(count) if count is not None else None,
             seq_ttl_ms=int(ttl) if ttl is not None else -2,
             span_id=last[0] if last is not None else None,
-            presence=presence,
+            present=int(present) if last is not None else None,
         )
 
     def horizon(self, today: date) -> date:
@@ -575,9 +577,9 @@ class Answers:
         computed = await self.computed(snap, query)
         body = render(computed.series)
         if computed.version is not None and computed.span_id is not None \
-                and computed.presence is not None:
+                and computed.present is not None:
             self.cache.put(cache_key, CacheEntry(
-                computed.version, computed.span_id, computed.presence, body))
+                computed.version, computed.span_id, computed.present, body))
         return body, False
 
     async def rows(self, snap: Snapshot, query: Query) -> list[UsageRow]:
@@ -641,7 +643,7 @@ class Answers:
 
     async def _refresh(
         self, snap: Snapshot, query: Query, horizon: date, columns: list[Column]
-    ) -> tuple[Stored, tuple[tuple[str, int] | None, Hashable, bytes]]:
+    ) -> tuple[Stored, tuple[tuple[str, int] | None, Hashable, int]]:
         n = (query.today - horizon).days + 1
         input_first = horizon - timedelta(days=LEAD)
         span = span_of(self.store.keys, snap.scope, input_first, n + LEAD + TAIL,
@@ -675,7 +677,7 @@ class Answers:
         self._spans.move_to_end(snap.scope)
         while len(self._spans) > max(self.cache.max_entries, 1):
             self._spans.popitem(last=False)
-        cached_state = ((epoch, seq_n), span_id, presence)
+        cached_state = ((epoch, seq_n), span_id, presence.count(b"1"))
         week = week_granularity(snap.config.week_start)
         invalid = {
             c: invalid_entries(c, stored.seen[c], current[c], stored.values[c], input_first, week)

@@ -31,7 +31,7 @@ from sketches.connection import open_store
 from sketches.keys import KeySpace, Scope
 from sketches.periods import Period, day_of, periods_holding
 from sketches.query import Metric, Window, usage
-from sketches.results import PRESENCE_SCRIPT, STATE_SCRIPT, Answers
+from sketches.results import SNAPSHOT_SCRIPT, STATE_SCRIPT, Answers
 from sketches.results import Query as AnswerQuery
 from sketches.store import (
     ExactStore,
@@ -131,8 +131,8 @@ def reply_to(cmd: tuple[Any, ...]) -> Any:
         return [[], []]
     if name == "EVAL" and cmd[1] == STATE_SCRIPT:  # a scope's meta, no result, no key present
         return [[b"e", b"epoch", b"n", b"3"], None, "0" * (int(cmd[2]) - 2), 1_900_000_000_000]
-    if name == "EVAL" and cmd[1] == PRESENCE_SCRIPT:
-        return "0" * int(cmd[2])
+    if name == "EVAL" and cmd[1] == SNAPSHOT_SCRIPT:  # epoch, counter, meta TTL, keys present
+        return [b"epoch", b"3", 1000, 0]
     if name in SCRIPTS:
         return [EMPTY_REPLY[str(cmd[-1]).upper()] for _ in range(int(cmd[2]))]
     if name == "HMGET":  # a scope's epoch and counter: written to, so results are stored
