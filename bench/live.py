@@ -572,7 +572,7 @@ def stored_memory(
     client: redis.Redis, prefix: str, mode: str, picks: dict[str, Scope]
 ) -> dict[str, Any]:
     """``MEMORY USAGE ... SAMPLES 0`` of every key under ``prefix``, per hash tag: sketches,
-    stored results (change stamps, counters, results) and the rest; the named workspaces, and
+    stored results (the meta hash and results) and the rest; the named workspaces, and
     the tag whose stored results cost the most beside its sketches."""
     keys = [k.decode() for k in client.scan_iter(match=f"{prefix}:*", count=10_000)]
     pipe = client.pipeline(transaction=False)

@@ -39,10 +39,10 @@ SKETCH = "sketch"
 METADATA = "metadata"
 
 # A sketch key names its mode and its period: ``...:hll:d:2026-11-24``, ``...:set:w:2026-W48``,
-# ``...:hll:s:S2026-11-22`` (Sunday weeks), ``...:hll:m:2026-11``. A generation segment such as
-# ``:g1:`` may come before or after the mode once rebuilds switch generations; everything else
-# under a scope's hash tag (counters, stamps, versions, stored results, settings) is metadata.
-SKETCH_KEY = re.compile(r":(?:g\d+:)?(?:hll|set):(?:g\d+:)?[dwsm]:")
+# ``...:hll:s:S2026-11-22`` (Sunday weeks), ``...:hll:m:2026-11``; a rebuild's generation writes
+# ``...:hll~<generation>:d:...`` until its switch renames them. Everything else under a scope's
+# hash tag (the meta hash, stored results, settings) is metadata.
+SKETCH_KEY = re.compile(r":(?:hll|set)(?:~\d+)?:[dwsm]:")
 
 
 def key_kind(key: str) -> str:
