@@ -1,11 +1,12 @@
-"""``python -m bench.writepath [backfill|live] [EVENTS_PER_BATCH]``: the consumer's own work per
-event, in process, without Kafka: parse, bucket into workspace and org scopes, write (one script
-call per scope) into a private redis-server. What the ingestion figures are made of, and the
+"""``python -m bench.writepath [backfill|live] [EVENTS_PER_BATCH] [WORKSPACES]``: the consumer's
+own work per event, in process, without Kafka: parse, bucket into workspace and org scopes, write
+(script calls of many scopes) into a private redis-server. What the ingestion figures are made of, and the
 harness to profile them with (``py-spy record -- python -m bench.writepath backfill``)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import sys
 import time
@@ -25,13 +26,15 @@ WORKSPACES = 1000
 EVENTS = 160_000
 
 
-def records(shape: str, n: int, rng: random.Random, now: datetime) -> list[ConsumerRecord]:
-    """Logins of 1,000 Zipf-sized workspaces in 100 orgs: over 90 days (backfill) or the last
-    minute (live)."""
-    sizes = [max(1, int(2000 / (i + 1) ** 1.1)) for i in range(WORKSPACES)]
+def records(shape: str, n: int, rng: random.Random, now: datetime,
+            workspaces: int = WORKSPACES) -> list[ConsumerRecord]:
+    """Logins of Zipf-sized workspaces (1,000 by default), 10 an org: over 90 days (backfill)
+    or the last minute (live)."""
+    sizes = [max(1, int(2000 / (i + 1) ** 1.1)) for i in range(workspaces)]
+    cumulative = list(itertools.accumulate(sizes))
     out = []
     for i in range(n):
-        w = rng.choices(range(WORKSPACES), sizes)[0]
+        w = rng.choices(range(workspaces), cum_weights=cumulative)[0]
         if shape == "backfill":
             t = now - timedelta(days=rng.randrange(90), seconds=rng.randrange(86400))
         else:
@@ -45,10 +48,11 @@ def records(shape: str, n: int, rng: random.Random, now: datetime) -> list[Consu
     return out
 
 
-async def main(shape: str, per_batch: int) -> None:
+async def main(shape: str, per_batch: int, workspaces: int = WORKSPACES) -> None:
     now = datetime.now(UTC)
     rng = random.Random(1)
-    batches = [records(shape, per_batch, rng, now) for _ in range(max(2, EVENTS // per_batch))]
+    batches = [records(shape, per_batch, rng, now, workspaces)
+               for _ in range(max(2, EVENTS // per_batch))]
     server = RedisServer().start()
     try:
         settings = Settings(redis_url=server.url, _env_file=None)
@@ -76,4 +80,5 @@ async def main(shape: str, per_batch: int) -> None:
 
 if __name__ == "__main__":
     asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "backfill",
-                     int(sys.argv[2]) if len(sys.argv) > 2 else 100_000))
+                     int(sys.argv[2]) if len(sys.argv) > 2 else 100_000,
+                     int(sys.argv[3]) if len(sys.argv) > 3 else WORKSPACES))

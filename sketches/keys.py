@@ -86,7 +86,13 @@ def parse_feed_member(member: str) -> Scope:
     return Scope(decode_id(org), decode_id(ws))
 
 
-@functools.lru_cache(maxsize=65536)
+SCOPES_CACHED = 1 << 18
+"""Scopes whose key heads are kept (~150 B each): more than the 100,000 workspaces and 10,000
+orgs the README sizes for, so that a batch of a live store never recomputes one. At 65,536 a
+batch over 110,000 scopes evicted what it needed next and percent-encoded every id again."""
+
+
+@functools.lru_cache(maxsize=SCOPES_CACHED)
 def _hash_tag(org_id: str, workspace_id: str) -> str:
     # Cached: a query builds ~1,000 keys of one workspace and a batch thousands of a few hundred.
     if not workspace_id:
@@ -94,12 +100,21 @@ def _hash_tag(org_id: str, workspace_id: str) -> str:
     return "{" + encode_id(org_id) + ":" + encode_id(workspace_id) + "}"
 
 
-@functools.lru_cache(maxsize=1 << 18)
+@functools.lru_cache(maxsize=SCOPES_CACHED)
+def _scope_head(prefix: str, kind: str, ws: Scope) -> str:
+    return f"{prefix}:{_hash_tag(ws.org_id, ws.workspace_id)}:{kind}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _period_tail(period: Period) -> str:
+    return f":{period.granularity.value}:{period.label}"
+
+
 def _sketch_key(prefix: str, mode: str, ws: Scope, period: Period) -> str:
-    # Cached: a batch builds tens of thousands of keys, mostly the same as the batch before.
-    kind = "hll" if mode == "hll" else "set"
-    tag = _hash_tag(ws.org_id, ws.workspace_id)
-    return f"{prefix}:{tag}:{kind}:{period.granularity.value}:{period.label}"
+    """A scope's head and a period's tail, each cached on its own: a batch over 100,000 scopes
+    builds 300,000 keys, which a cache of whole keys could not hold, while it holds every head
+    and every period's tail at a fraction of the memory; joining them is one concatenation."""
+    return _scope_head(prefix, "hll" if mode == "hll" else "set", ws) + _period_tail(period)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +140,7 @@ class KeySpace:
         """The scope's write bookkeeping, one hash (``sketches.writes``): its epoch ``e``, its
         counter ``n``, the stamp of each local day written (field = the day's ordinal), and
         ``b``, the generation a rebuild is filling."""
-        return f"{self.workspace_prefix(ws)}{self.kind}:meta"
+        return _scope_head(self.prefix, self.kind, ws) + ":meta"
 
     def building(self, ws: Scope, period: Period, generation: int) -> str:
         """A sketch of a rebuild's generation: the live key's name with ``~<generation>`` after
@@ -142,7 +157,7 @@ class KeySpace:
     def sketch_head(self, ws: Scope) -> str:
         """What every live sketch key of the scope starts with, up to its mode: the write
         script inserts a generation there."""
-        return f"{self.workspace_prefix(ws)}{self.kind}"
+        return _scope_head(self.prefix, self.kind, ws)
 
     def result(self, ws: Scope, variant: str) -> str:
         """A stored result of the scope (``variant`` names its timezone and week start)."""

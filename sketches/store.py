@@ -628,7 +628,7 @@ def _scope_name(scope: Scope) -> str:
     return f"{scope.org_id}/{scope.workspace_id}" if scope.workspace_id else f"org {scope.org_id}"
 
 
-@functools.lru_cache(maxsize=1 << 17)
+@functools.lru_cache(maxsize=1 << 18)
 def _scope_slot(tag: str) -> int:
     return int(key_slot(tag.encode()))
 
