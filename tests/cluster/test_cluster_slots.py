@@ -31,7 +31,7 @@ from sketches.connection import open_store
 from sketches.keys import KeySpace, Scope
 from sketches.periods import Period, day_of, periods_holding
 from sketches.query import Metric, Window, usage
-from sketches.results import SNAPSHOT_SCRIPT, STATE_SCRIPT, Answers
+from sketches.results import STATE_SCRIPT, Answers
 from sketches.results import Query as AnswerQuery
 from sketches.store import (
     ExactStore,
@@ -107,7 +107,7 @@ KEY_ARGS: Mapping[str, slice] = {
     "PFCOUNT": slice(1, None), "GET": slice(1, 2), "SCARD": slice(1, 2),
     "SMEMBERS": slice(1, 2), "PFADD": slice(1, 2), "SADD": slice(1, 2),
     "EXPIREAT": slice(1, 2), "SET": slice(1, 2), "HMGET": slice(1, 2), "PTTL": slice(1, 2),
-    "HGET": slice(1, 2),
+    "HGET": slice(1, 2), "EXISTS": slice(1, None),
 }
 EMPTY_REPLY: Mapping[str, Any] = {"PFCOUNT": 0, "SCARD": 0, "GET": None, "SMEMBERS": set()}
 
@@ -131,8 +131,6 @@ def reply_to(cmd: tuple[Any, ...]) -> Any:
         return [[], []]
     if name == "EVAL" and cmd[1] == STATE_SCRIPT:  # a scope's meta, no result, no key present
         return [[b"e", b"epoch", b"n", b"3"], None, "0" * (int(cmd[2]) - 2), 1_900_000_000_000]
-    if name == "EVAL" and cmd[1] == SNAPSHOT_SCRIPT:  # epoch, counter, meta TTL, keys present
-        return [b"epoch", b"3", 1000, 0]
     if name in SCRIPTS:
         return [EMPTY_REPLY[str(cmd[-1]).upper()] for _ in range(int(cmd[2]))]
     if name == "HMGET":  # a scope's epoch and counter: written to, so results are stored
