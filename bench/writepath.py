@@ -1,7 +1,8 @@
 """``python -m bench.writepath [backfill|live] [EVENTS_PER_BATCH] [WORKSPACES]``: the
 consumer's own work per event, in process, without Kafka: parse, bucket into workspace and org
-scopes, write (script calls of many scopes) into a private redis-server. What the ingestion figures are made of, and the
-harness to profile them with (``py-spy record -- python -m bench.writepath backfill``)."""
+scopes, write (script calls of many scopes) into a private redis-server. What the ingestion
+figures are made of, and the harness to profile them with (``py-spy record -- python -m
+bench.writepath backfill``)."""
 
 from __future__ import annotations
 

@@ -121,7 +121,7 @@ UNSEEN = np.uint64(0xFFFFFFFFFFFFFFFF)
 RECHECKS = 3
 """Attempts at an answer whose scope switched generation (a rebuild) while it was computed."""
 
-_MAGIC = b"UMR2"
+_MAGIC = b"UMR3"
 _HEADER = struct.Struct("<4sQiiH")  # magic, seq, first entry ordinal, entries, variant length
 
 
@@ -193,10 +193,22 @@ class Stored:
         return out
 
     def encode(self) -> bytes:
+        """Each row run-length encoded (or as is, where runs would cost more), then zlib: a small
+        workspace's columns are a few runs (zeros, its days, the values of its one week and
+        month), and stored plainly its result outweighed its sketches (536 B against 408 B for a
+        workspace with one day of data, at 100,000 workspaces); a dense one's rows barely
+        repeat."""
         variant = self.variant.encode()
-        body = zlib.compress(
-            self.values.astype("<i8").tobytes() + self.seen.astype("<u8").tobytes(), 1
-        )
+        parts: list[bytes] = []
+        for row in (*self.values.astype(np.int64), *self.seen.astype(np.uint64)):
+            little = row.astype(row.dtype.newbyteorder("<"))
+            starts = np.concatenate(([0], np.flatnonzero(np.diff(row)) + 1)).astype("<u4")
+            if 3 * starts.size >= 2 * row.size:  # runs would cost more than the row: as is
+                parts += [struct.pack("<I", 0), little.tobytes()]
+            else:
+                parts += [struct.pack("<I", starts.size), starts.tobytes(),
+                          little[starts].tobytes()]
+        body = zlib.compress(b"".join(parts), 6)
         head = _HEADER.pack(_MAGIC, self.seq, self.first.toordinal(), self.n, len(variant))
         return head + variant + body
 
@@ -211,10 +223,32 @@ class Stored:
             variant = raw[at : at + vlen].decode()
             body = zlib.decompress(raw[at + vlen :])
             k = len(Column)
-            vsize = k * n * 8
-            values = np.frombuffer(body[:vsize], dtype="<i8").reshape(k, n).astype(np.int64)
-            seen = np.frombuffer(body[vsize:], dtype="<u8").reshape(k, n + LEAD + TAIL)
-            return cls(variant, seq, date.fromordinal(first), values, seen.astype(np.uint64))
+            rows: list[npt.NDArray[Any]] = []
+            pos = 0
+            for i in range(2 * k):
+                width = n if i < k else n + LEAD + TAIL
+                dtype = "<i8" if i < k else "<u8"
+                (runs,) = struct.unpack_from("<I", body, pos)
+                pos += 4
+                if runs == 0:  # stored as is
+                    rows.append(np.frombuffer(body, dtype=dtype, count=width, offset=pos))
+                    pos += 8 * width
+                    continue
+                if runs > width:
+                    return None
+                starts = np.frombuffer(body, dtype="<u4", count=runs, offset=pos).astype(np.int64)
+                pos += 4 * runs
+                vals = np.frombuffer(body, dtype=dtype, count=runs, offset=pos)
+                pos += 8 * runs
+                lengths = np.diff(np.concatenate((starts, [width])))
+                if starts[0] != 0 or (lengths <= 0).any():
+                    return None
+                rows.append(np.repeat(vals, lengths))
+            if pos != len(body):
+                return None
+            values = np.stack(rows[:k]).astype(np.int64)
+            seen = np.stack(rows[k:]).astype(np.uint64)
+            return cls(variant, seq, date.fromordinal(first), values, seen)
         except (struct.error, ValueError, zlib.error, UnicodeDecodeError, OverflowError):
             return None
 

@@ -290,3 +290,35 @@ async def test_every_answer_equals_a_full_recompute_whatever_is_interleaved(
                 answers, scopes[scope], today=today, end=today - timedelta(days=back),
                 period_length=length, window=window, metrics=metrics or ALL_METRICS,
             )
+
+
+@given(
+    n=st.integers(1, 60),
+    runs=st.lists(st.tuples(st.integers(1, 40), st.integers(-1, 2**40)), min_size=1, max_size=30),
+    seen_runs=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 2**64 - 1)), min_size=1,
+                       max_size=30),
+    cut=st.integers(0, 400),
+)
+def test_a_stored_result_round_trips_whatever_its_runs_and_garbage_is_refused(
+    n: int, runs: list[tuple[int, int]], seen_runs: list[tuple[int, int]], cut: int
+) -> None:
+    import numpy as np
+
+    from sketches.results import LEAD, TAIL
+
+    def filled(width: int, pattern: list[tuple[int, int]], dtype: Any) -> Any:
+        out = np.concatenate([np.full(k, v, dtype=dtype) for k, v in pattern] * width)[:width]
+        return out
+
+    stored = Stored.empty("UTC|sunday#e", 7, date(2026, 1, 1), n)
+    for c in range(stored.values.shape[0]):
+        stored.values[c] = filled(n, runs[c:] + runs[:c], np.int64)
+        stored.seen[c] = filled(n + LEAD + TAIL, seen_runs[c:] + seen_runs[:c], np.uint64)
+    raw = stored.encode()
+    back = Stored.decode(raw)
+    assert back is not None
+    assert (back.values == stored.values).all()
+    assert (back.seen == stored.seen).all()
+    assert (back.variant, back.seq, back.first) == (stored.variant, stored.seq, stored.first)
+    damaged = Stored.decode(raw[: min(cut, len(raw) - 1)])
+    assert damaged is None or damaged.n == n
