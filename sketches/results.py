@@ -23,41 +23,44 @@ ROLL7   distinct subjects of ``d-6 .. d``             ``d-6 .. d``
 ROLL30  distinct subjects of ``d-29 .. d``            ``d-29 .. d``
 ======  ============================================  ==========================================
 
-Change stamps (``sketches.writes``): the write script increments the scope's ``seq`` once per
-batch and writes its value into a ring slot of every local day the batch touched, atomically with
-the sketches. A stored column keeps, for every input day, the stamp it saw; an entry is valid
-while all of its input days still carry those stamps.
+Change stamps (``sketches.writes``): every write script call bumps the scope's counter ``n`` in
+its meta hash and writes it as the stamp of every local day it touched, atomically with the
+sketches. A stored column keeps, for every input day, a token: the day's stamp and whether the
+key the column reads for that day (the day's own, its week's, its month's) existed. An entry is
+valid while all of its input days still carry those tokens.
 
-Never stale
------------
-- A request reads the stamps (with the settings, ``seq`` and the stored result, in one round
-  trip) *before* any sketch. A batch landing in between makes the recomputed numbers newer than
-  the stamps they are filed under, so the next request recomputes them again: a recompute, never
-  an old number. So every answer includes every login the store held when the request began.
-- Stamps are compared for equality, not order. ``seq`` only grows (a rebuild keeps it), and a
-  stored result is written after the batches whose stamps it holds, on the same Redis (same hash
-  tag, hence the same node on a cluster): a Redis that loses the tail of its log loses the result
-  with them. The result also records ``seq``; a ``seq`` below it (something went backwards) drops
-  the stored result.
-- A counter that went away and started again (it expired, or was deleted) has a new random
-  ``epoch``, which the stored result records: a result of another epoch is dropped. A stored
-  result also expires no later than the scope's ``seq`` (its ``PTTL`` is read in the same round
-  trip).
-- The timezone and week start are part of the stored result (its *variant*): a settings change
-  finds a result of another variant and starts afresh. A rebuild deletes the stamps and the
-  result; a day whose key expired lies before the retention horizon, where stored entries are
-  never served (requests that reach that far are computed directly, by ``sketches.query``).
+The property: an answer holds every login the store held when the request began, and no count
+the store no longer holds
+---------------------------------------------------------------------------------------------
+- A miss reads the meta (epoch, counter, stamps), the stored result and which of the span's
+  keys exist in one atomic script, *before* any sketch. A batch landing in between makes the
+  recomputed numbers newer than the tokens they are filed under, so the next request recomputes
+  them again: a recompute, never an old number. A key that vanished (eviction, deletion, loss)
+  flips its token, so the entries that read it are recomputed, never served from memory.
+- Tokens are compared for equality. A value of the counter is never handed out twice in one
+  epoch, and the epoch, set when the meta hash is created and replaced by a rebuild's switch,
+  is part of the stored result's variant: a result of another epoch is dropped. The result also
+  records the counter; a counter below it (a meta restored from an older copy) drops it. The
+  stored result expires at its meta's own instant (``PEXPIRETIME``, read in the same script).
+- A cached response is served only for the same epoch, counter and number of span keys present
+  (``Answers.snapshot``: ``EXISTS`` before the version read; see there why that order is sound).
+- A rebuild's switch changes the epoch in one step; an answer re-checks the epoch after it read
+  sketches and starts again if it changed (``RECHECKS``), so no answer mixes two generations.
+- The timezone and week start are part of the variant too: a settings change starts afresh.
+  Entries are served only from ``horizon + SAFE_MARGIN``; requests that reach further are
+  computed directly (``sketches.query``). Key deadlines outlive every zone's horizon
+  (``sketches.writes.expire_at``).
 - When a metric is not asked for, its column is neither read nor recomputed: each column keeps
-  its own stamps, so the contract's "a metric not asked for costs no Redis work" holds here too.
+  its own tokens, so the contract's "a metric not asked for costs no Redis work" holds here too.
 
 Each column is recomputed as a whole over the stored span (every invalid entry, not only the
-requested rows), so one set of stamps per column describes every entry in it.
+requested rows), so one set of tokens per column describes every entry in it.
 
-What it costs: the ring of stamps is 4 KiB per scope; a stored result is zlib-compressed
-(a few KiB for a small workspace, ~20-30 KiB for a dense one whose sketches take ~13 MB).
+What it costs: the meta hash ~150 B for a scope with a few days of data; a stored result is run-
+length encoded and zlib-compressed (~200 B for a workspace with one day of data, ~20-30 KiB for
+a dense one whose sketches take ~13 MB).
 
-The module also owns the per-process cache of rendered responses (``ResultCache``), which serves
-a repeated identical request while the scope's random version token is unchanged.
+The module also owns the per-process cache of rendered responses (``ResultCache``).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ both implementations and the API cannot tell them apart except by accuracy:
 
 Writes are idempotent (adding a subject twice changes nothing), which is what makes at-least-once
 ingestion and replay safe. A batch is written as one non-transactional pipeline of script calls,
-one (or a few) per scope (``sketches.writes``): the consumer commits Kafka offsets only after that
-pipeline has been acknowledged.
+each carrying many scopes (one slot's on a cluster; ``sketches.writes``): the consumer commits
+Kafka offsets only after that pipeline has been acknowledged.
 
 Every key gets an absolute expiry, ``RETENTION_DAYS`` after the end of its period, set by every
 write that finds it without one. Because the deadline depends only on the key, re-adding to an
@@ -19,8 +19,9 @@ old key never extends its life.
 
 Redis Cluster (``REDIS_CLUSTER=true``)
 --------------------------------------
-The store takes a ``redis.asyncio.RedisCluster`` as well as a ``Redis``; only ``add``,
-``applied_offsets``, ``delete_workspace`` and ``ping`` behave differently, and only on a cluster.
+The store takes a ``redis.asyncio.RedisCluster`` as well as a ``Redis``; only ``add`` (calls
+grouped by slot), ``applied_offsets``, ``delete_workspace`` and ``ping`` behave differently, and
+only on a cluster.
 
 - **Slots.** Every key of one workspace carries the workspace's hash tag (``sketches.keys``), so
   every multi-key command (a rolling ``PFCOUNT`` over 30 days, the per-key ``EVAL`` loop of
