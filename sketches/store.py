@@ -13,8 +13,8 @@ ingestion and replay safe. A batch is written as one non-transactional pipeline 
 each carrying many scopes (one slot's on a cluster; ``sketches.writes``): the consumer commits
 Kafka offsets only after that pipeline has been acknowledged.
 
-Every key gets an absolute expiry, ``RETENTION_DAYS`` after the end of its period, set by every
-write that finds it without one. Because the deadline depends only on the key, re-adding to an
+Every key gets an absolute expiry, two days after ``RETENTION_DAYS`` have passed its period (a UTC
+midnight: ``sketches.writes.expire_at``), set by every write that finds it without one. Because the deadline depends only on the key, re-adding to an
 old key never extends its life.
 
 Redis Cluster (``REDIS_CLUSTER=true``)
