@@ -153,6 +153,11 @@ def test_scopes_share_a_call_up_to_exactly_the_limit() -> None:
 
     assert scopes_per_call(6) == [[a, b]]
     assert scopes_per_call(7) == [[a], [b]]
+    # On a cluster only scopes of one slot share a call (CROSSSLOT otherwise).
+    slots = {a: 1, b: 2}
+    per_slot = calls(WRITE_SHA, keys, grouped(1), retention_days=800, now=time.time(),
+                     token=new_token(), command="PFADD", limit=10, slot_of=slots.__getitem__)
+    assert [c.scopes for c in per_slot] == [[a], [b]]
 
 
 # ------------------------------------------------------------------ grouping a batch per scope
@@ -215,6 +220,22 @@ def test_a_sampled_record_that_is_no_login_of_another_workspace_passes() -> None
         keyed.check_value(record(key, login_value("ws-2"), 0))
 
 
+def test_an_unkeyed_rebuild_reads_every_partition_and_a_keyed_one_only_the_homes() -> None:
+    """``KAFKA_RECORD_KEY=none``: no partition can be ruled out (None: all of them)."""
+    selection = Selection.of([Scope("acme", "target")])
+    assert RecordFilter(selection, keyed=False, login_type="login").partitions(8) is None
+    home = RecordFilter(selection, keyed=True, login_type="login").partitions(8)
+    assert home is not None
+    assert len(home) == 1
+
+
+def test_a_workspace_key_is_the_ids_utf8_even_for_a_lone_surrogate() -> None:
+    """An id read from the command line may hold a lone surrogate (undecodable bytes): its key
+    is still computed (``surrogatepass``), never a crash of the rebuild."""
+    assert workspace_key("ws-\u00e9") == "ws-\u00e9".encode()
+    assert workspace_key("w\udcff") == b"w\xed\xb3\xbf"
+
+
 def test_a_parsed_login_under_another_workspaces_key_fails_with_its_place() -> None:
     """A selected workspace's key holding another workspace's login is the proof that
     producers do not key by workspace: the rebuild fails with the record's place."""
@@ -232,6 +253,13 @@ def test_a_parsed_login_under_another_workspaces_key_fails_with_its_place() -> N
 
 
 # ------------------------------------------------------------------ the settings feed
+
+
+def test_the_settings_pattern_escapes_every_glob_character_of_the_prefix() -> None:
+    """``fill`` scans for this prefix's settings only: a prefix holding a glob character must
+    not match another prefix's keys."""
+    pattern = settings_feed.settings_pattern(KeySpace("a*b?[c]\\", "hll"))
+    assert pattern == "a\\*b\\?\\[c\\]\\\\:{*}:settings"
 
 
 def test_a_feed_without_its_counter_went_back_for_any_reader_that_had_seen_a_change() -> None:
