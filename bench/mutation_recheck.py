@@ -22,7 +22,7 @@ KEYWORDS = {
     "sketches.settings_feed": "feed or pattern",
     "sketches.writes": "parts or share_a_call or lone_week or fails_whole",
     "sketches.store": "switch or deleted or cancelled or fails_whole",
-    "sketches.results": "new_day",
+    "sketches.results": "new_day or span_when",
 }
 
 

@@ -322,3 +322,42 @@ async def test_a_new_day_recomputes_only_what_it_changed_not_the_whole_span(
         await answers.drain()
     assert recomputed[0] > 700  # the first answer computes every entry
     assert recomputed[1] <= 31  # the next day: its own entries, at most a month's
+
+
+async def test_the_scope_answered_last_keeps_its_span_when_the_bound_is_reached(
+    store: SketchStore,
+) -> None:
+    """Each process remembers, per scope, the span it last answered over (what a repeated
+    request checks before it is served from the cache), for at most ``cache_entries`` scopes:
+    the oldest goes, never the one just answered."""
+    from sketches.query import ALL_METRICS, Window
+    from sketches.results import Answers, Query
+
+    now = pinned_now(store)
+    today = datetime.fromtimestamp(now, UTC).date()
+    a, b = Scope("acme", "span-a"), Scope("acme", "span-b")
+    await store.add_by_day({(a, today): {"u"}, (b, today): {"v"}}, {a: "monday", b: "monday"})
+    answers = Answers(store, retention_days=store.retention_days, default_timezone="UTC",
+                      cache_entries=1)
+    query = Query(today, 730, ALL_METRICS, Window.CALENDAR, today)
+    hits = []
+    for scope in (a, b, b):
+        _, hit = await answers.answer(await answers.snapshot(scope), query,
+                                      lambda s: repr(s).encode(), "r")
+        await answers.drain()
+        hits.append(hit)
+    assert hits == [False, False, True]
+
+
+async def test_a_fill_of_more_settings_than_one_announcement_names_every_scope(
+    store: SketchStore,
+) -> None:
+    """``fill`` announces the scopes it finds ``FILL_CHUNK`` at a time: a deployment with more
+    scopes with settings than that must find every one in the feed."""
+    scopes = [Scope("fill", f"w{i}") for i in range(settings_feed.FILL_CHUNK + 7)]
+    for i in range(0, len(scopes), 100):
+        await store.client.mset({store.keys.settings(s): b"{}" for s in scopes[i : i + 100]})
+    assert await settings_feed.fill(store.client, store.keys)
+    read = await settings_feed.read_all(store.client, store.keys)
+    assert set(read.changes) == set(scopes)
+    assert read.mark is not None
