@@ -361,3 +361,17 @@ async def test_a_fill_of_more_settings_than_one_announcement_names_every_scope(
     read = await settings_feed.read_all(store.client, store.keys)
     assert set(read.changes) == set(scopes)
     assert read.mark is not None
+
+
+async def test_a_redis_that_lost_its_scripts_takes_the_batch_on_the_retry(
+    store: SketchStore, redis_client: aioredis.Redis
+) -> None:
+    """A Redis that restarted (or a new master) has no script cache: the write loads the script
+    and sends the same batch again, which then counts every member once."""
+    now = pinned_now(store)
+    today = datetime.fromtimestamp(now, UTC).date()
+    await redis_client.script_flush()
+    assert await store.add_by_day({(WS, today): {"a", "b"}}, {WS: "monday"}) == []
+    await redis_client.script_flush()
+    assert await store.add_by_day({(WS, today): {"b", "c"}}, {WS: "monday"}) == []
+    assert await store.counts(WS, list(periods_holding(today))) == [3, 3, 3]
