@@ -375,3 +375,24 @@ async def test_a_redis_that_lost_its_scripts_takes_the_batch_on_the_retry(
     await redis_client.script_flush()
     assert await store.add_by_day({(WS, today): {"b", "c"}}, {WS: "monday"}) == []
     assert await store.counts(WS, list(periods_holding(today))) == [3, 3, 3]
+
+
+async def test_a_meta_without_a_deadline_still_gets_its_result_stored_for_the_retention(
+    store: SketchStore, redis_client: aioredis.Redis
+) -> None:
+    """A ``meta`` someone made persistent has no instant to tie the result to: the result is
+    still stored, for the retention span, rather than not at all."""
+    from sketches.query import ALL_METRICS, Window
+    from sketches.results import Answers, Query
+
+    now = pinned_now(store)
+    today = datetime.fromtimestamp(now, UTC).date()
+    await store.add_by_day({(WS, today): {"u"}}, {WS: "monday"})
+    await redis_client.persist(store.keys.meta(WS))
+    answers = Answers(store, retention_days=store.retention_days, default_timezone="UTC",
+                      cache_entries=0)
+    query = Query(today, 730, ALL_METRICS, Window.CALENDAR, today)
+    await answers.answer(await answers.snapshot(WS), query, lambda s: repr(s).encode(), "r")
+    await answers.drain()
+    ttl_ms = await redis_client.pttl(store.keys.result(WS, "v1"))
+    assert store.retention_days * 86_400_000 - 60_000 < ttl_ms <= store.retention_days * 86_400_000
