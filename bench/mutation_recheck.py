@@ -22,7 +22,7 @@ KEYWORDS = {
     "sketches.settings_feed": "feed or pattern or fill_of_more",
     "sketches.writes": "parts or share_a_call or lone_week or fails_whole",
     "sketches.store": "switch or deleted or cancelled or fails_whole or lost_its_scripts",
-    "sketches.results": "new_day or span_when or without_a_deadline",
+    "sketches.results": "new_day or span_when or without_a_deadline or outside_the_span",
 }
 
 

@@ -396,3 +396,14 @@ async def test_a_meta_without_a_deadline_still_gets_its_result_stored_for_the_re
     await answers.drain()
     ttl_ms = await redis_client.pttl(store.keys.result(WS, "v1"))
     assert store.retention_days * 86_400_000 - 60_000 < ttl_ms <= store.retention_days * 86_400_000
+
+
+def test_stamps_outside_the_span_are_ignored_on_both_sides() -> None:
+    """``meta`` holds the stamps of every day written (a login dated ahead, a day older than
+    the span): only the span's own days are read, the ones just outside included."""
+    from sketches.results import stamps_from
+
+    first = datetime.now(UTC).date()
+    lo = first.toordinal()
+    got = stamps_from({lo - 1: 7, lo: 1, lo + 2: 3, lo + 3: 9}, first, 3)
+    assert got.tolist() == [1, 0, 3]
