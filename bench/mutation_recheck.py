@@ -21,7 +21,8 @@ KEYWORDS = {
     "consumer.rebuild": "sample or no_login or parsed_login or unkeyed or workspace_key",
     "sketches.settings_feed": "feed or pattern or fill_of_more",
     "sketches.writes": "parts or share_a_call or lone_week or fails_whole",
-    "sketches.store": "switch or deleted or cancelled or fails_whole or lost_its_scripts",
+    "sketches.store": "switch or deleted or cancelled or fails_whole or lost_its_scripts"
+                      " or something_else",
     "sketches.results": "new_day or span_when or without_a_deadline or outside_the_span",
 }
 

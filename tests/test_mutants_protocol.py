@@ -407,3 +407,19 @@ def test_stamps_outside_the_span_are_ignored_on_both_sides() -> None:
     lo = first.toordinal()
     got = stamps_from({lo - 1: 7, lo: 1, lo + 2: 3, lo + 3: 9}, first, 3)
     assert got.tolist() == [1, 0, 3]
+
+
+async def test_every_key_that_holds_something_else_is_reported(
+    store: SketchStore, redis_client: aioredis.Redis
+) -> None:
+    """Each key the script could not write is reported on its own, with Redis's error: the
+    consumer logs and dead-letters per key, and writes the rest of the batch."""
+    now = pinned_now(store)
+    today = datetime.fromtimestamp(now, UTC).date()
+    days = [today, today - timedelta(days=1)]
+    for d in days:
+        await redis_client.set(store.keys.sketch(WS, day_of(d)), b"not a sketch")
+    failed = await store.add_by_day({(WS, d): {"u"} for d in days}, {WS: "monday"})
+    assert sorted(f.key for f in failed) == sorted(store.keys.sketch(WS, day_of(d))
+                                                   for d in days)
+    assert await store.counts(WS, [week_of(today)]) == [1]  # the rest of the batch is kept
