@@ -14,8 +14,8 @@ each carrying many scopes (one slot's on a cluster; ``sketches.writes``): the co
 Kafka offsets only after that pipeline has been acknowledged.
 
 Every key gets an absolute expiry, two days after ``RETENTION_DAYS`` have passed its period (a UTC
-midnight: ``sketches.writes.expire_at``), set by every write that finds it without one. Because the deadline depends only on the key, re-adding to an
-old key never extends its life.
+midnight: ``sketches.writes.expire_at``), set by every write that finds it without one. Because
+the deadline depends only on the key, re-adding to an old key never extends its life.
 
 Redis Cluster (``REDIS_CLUSTER=true``)
 --------------------------------------
