@@ -14,14 +14,14 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.batch import Parsed
 from consumer.events import Parser, Rules
-from consumer.rebuild import (
+from consumer.recordfilter import (
     KEY_SAMPLE_EVERY,
     KeyedPartitions,
     RecordFilter,
-    Selection,
     WrongRecordKey,
     workspace_key,
 )
+from consumer.selection import Selection
 from sketches import settings_feed
 from sketches.keys import KeySpace, Scope
 from sketches.periods import day_of, month_of, periods_holding, week_of
