@@ -423,3 +423,17 @@ async def test_every_key_that_holds_something_else_is_reported(
     assert sorted(f.key for f in failed) == sorted(store.keys.sketch(WS, day_of(d))
                                                    for d in days)
     assert await store.counts(WS, [week_of(today)]) == [1]  # the rest of the batch is kept
+
+
+async def test_a_settings_key_that_does_not_parse_is_skipped_not_the_end_of_the_fill(
+    store: SketchStore,
+) -> None:
+    """``fill`` marks the feed complete when its scan ends: a key it cannot read as a scope's
+    (a stray key matching the pattern) must be passed over, or the scopes the scan meets after
+    it would be taken for scopes without settings."""
+    scopes = [Scope("stray", f"w{i}") for i in range(40)]
+    await store.client.mset({store.keys.settings(s): b"{}" for s in scopes})
+    await store.client.set(f"{store.keys.prefix}:{{a:b:c}}:settings", b"{}")
+    assert await settings_feed.fill(store.client, store.keys)
+    read = await settings_feed.read_all(store.client, store.keys)
+    assert set(read.changes) == set(scopes)
