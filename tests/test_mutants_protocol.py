@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiokafka.structs import ConsumerRecord
+from pydantic import SecretStr
 
 from consumer.batch import Parsed
 from consumer.events import Parser, Rules
@@ -23,10 +24,13 @@ from consumer.recordfilter import (
 )
 from consumer.selection import Selection
 from sketches import settings_feed
+from sketches.config import Settings
+from sketches.connection import open_store
 from sketches.keys import KeySpace, Scope
 from sketches.periods import day_of, month_of, periods_holding, week_of
 from sketches.store import WRITE_SHA, SketchStore
 from sketches.writes import ScopeWrite, calls, expire_at, group_by_scope, new_token
+from tests.support.servers import RedisServer
 from usage_metrics.synth import SynthEvent
 
 WS = Scope("acme", "mutants")
@@ -364,17 +368,23 @@ async def test_a_fill_of_more_settings_than_one_announcement_names_every_scope(
 
 
 async def test_a_redis_that_lost_its_scripts_takes_the_batch_on_the_retry(
-    store: SketchStore, redis_client: aioredis.Redis
+    settings: Settings,
 ) -> None:
     """A Redis that restarted (or a new master) has no script cache: the write loads the script
-    and sends the same batch again, which then counts every member once."""
-    now = pinned_now(store)
-    today = datetime.fromtimestamp(now, UTC).date()
-    await redis_client.script_flush()
-    assert await store.add_by_day({(WS, today): {"a", "b"}}, {WS: "monday"}) == []
-    await redis_client.script_flush()
-    assert await store.add_by_day({(WS, today): {"b", "c"}}, {WS: "monday"}) == []
-    assert await store.counts(WS, list(periods_holding(today))) == [3, 3, 3]
+    and sends the same batch again, which then counts every member once. (A Redis of its own:
+    ``SCRIPT FLUSH`` must not reach another test's calls.)"""
+    server = RedisServer().start()
+    try:
+        own = settings.model_copy(update={"redis_url": SecretStr(server.url)})
+        async with open_store(own) as store:
+            now = pinned_now(store)
+            today = datetime.fromtimestamp(now, UTC).date()
+            for members in ({"a", "b"}, {"b", "c"}):
+                await store.client.script_flush()
+                assert await store.add_by_day({(WS, today): members}, {WS: "monday"}) == []
+            assert await store.counts(WS, list(periods_holding(today))) == [3, 3, 3]
+    finally:
+        server.stop()
 
 
 async def test_a_meta_without_a_deadline_still_gets_its_result_stored_for_the_retention(
@@ -423,3 +433,17 @@ async def test_every_key_that_holds_something_else_is_reported(
     assert sorted(f.key for f in failed) == sorted(store.keys.sketch(WS, day_of(d))
                                                    for d in days)
     assert await store.counts(WS, [week_of(today)]) == [1]  # the rest of the batch is kept
+
+
+async def test_a_settings_key_that_does_not_parse_is_skipped_not_the_end_of_the_fill(
+    store: SketchStore,
+) -> None:
+    """``fill`` marks the feed complete when its scan ends: a key it cannot read as a scope's
+    (a stray key matching the pattern) must be passed over, or the scopes the scan meets after
+    it would be taken for scopes without settings."""
+    scopes = [Scope("stray", f"w{i}") for i in range(40)]
+    await store.client.mset({store.keys.settings(s): b"{}" for s in scopes})
+    await store.client.set(f"{store.keys.prefix}:{{a:b:c}}:settings", b"{}")
+    assert await settings_feed.fill(store.client, store.keys)
+    read = await settings_feed.read_all(store.client, store.keys)
+    assert set(read.changes) == set(scopes)
