@@ -18,7 +18,7 @@ from pathlib import Path
 TESTS = "tests/test_mutants_protocol.py"
 # The tests of each module first (``-k``): a mutant is usually killed by its own module's.
 KEYWORDS = {
-    "consumer.rebuild": "sample or no_login or parsed_login or unkeyed or workspace_key",
+    "consumer.recordfilter": "sample or no_login or parsed_login or unkeyed or workspace_key",
     "sketches.settings_feed": "feed or pattern or fill_of_more or not_parse",
     "sketches.writes": "parts or share_a_call or lone_week or fails_whole",
     "sketches.store": "switch or deleted or cancelled or fails_whole or lost_its_scripts"

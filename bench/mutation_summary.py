@@ -39,13 +39,13 @@ SCOPE: dict[str, list[str]] = {
                      "_live_candidates", "delete_workspace")
     ],
     "consumer/rebuild.py": [
-        "consumer.rebuild.xǁSelectionǁ*",
-        "consumer.rebuild.x_quoted__*",
-        "consumer.rebuild.xǁPrefilterǁ*",
-        "consumer.rebuild.x_default_partition__*",
-        "consumer.rebuild.x_workspace_key__*",
-        "consumer.rebuild.xǁKeyedPartitionsǁ*",
-        "consumer.rebuild.xǁRecordFilterǁ*",
+        "consumer.selection.xǁSelectionǁ*",
+        "consumer.recordfilter.x_quoted__*",
+        "consumer.recordfilter.xǁPrefilterǁ*",
+        "consumer.recordfilter.x_default_partition__*",
+        "consumer.recordfilter.x_workspace_key__*",
+        "consumer.recordfilter.xǁKeyedPartitionsǁ*",
+        "consumer.recordfilter.xǁRecordFilterǁ*",
     ],
     "sketches/settings_feed.py": ["sketches.settings_feed.*"],
 }
