@@ -454,7 +454,6 @@ class Snapshot:
     config: Resolved
     epoch: str | None
     seq: int | None
-    seq_ttl_ms: int
     span_id: Hashable | None = None
     present: int | None = None
 
@@ -496,7 +495,6 @@ class ResultCache:
         self.max_entries = max_entries
         self._entries: OrderedDict[Hashable, CacheEntry] = OrderedDict()
         self.hits = 0
-        self.misses = 0
 
     def get(self, key: Hashable, snap: Snapshot) -> bytes | None:
         version = snap.version
@@ -510,7 +508,6 @@ class ResultCache:
             or snap.present is None
             or entry.present != snap.present
         ):
-            self.misses += 1
             return None
         self._entries.move_to_end(key)
         self.hits += 1
@@ -584,14 +581,14 @@ class Answers:
         commands: list[tuple[Any, ...]] = [("GET", keys.settings(scope))]
         if last is not None:
             commands.append(("EXISTS", *last[1].keys))
-        commands += [("HMGET", keys.meta(scope), "e", "n"), ("PTTL", keys.meta(scope))]
+        commands.append(("HMGET", keys.meta(scope), "e", "n"))
         # A reply that is an error (a key holding something else) reads as absent: no version
         # or no count, hence no cache hit, and the answer is computed.
         raw = [None if isinstance(r, BaseException) else r
                for r in await run_pipeline(self.store.client, commands)]
         settings_raw = raw[0]
         present = raw[1] if last is not None else None
-        meta, ttl = raw[-2], raw[-1]
+        meta = raw[-1]
         epoch, count = meta if isinstance(meta, list) and len(meta) == 2 else (None, None)
         settings = decode_scope(settings_raw, scope, self.default_timezone)
         return Snapshot(
@@ -600,7 +597,6 @@ class Answers:
             config=resolve(settings),
             epoch=_text_or_none(epoch) if count is not None else None,
             seq=int(count) if count is not None else None,
-            seq_ttl_ms=int(ttl) if ttl is not None else -2,
             span_id=last[0] if last is not None else None,
             present=int(present) if present is not None else None,
         )

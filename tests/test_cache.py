@@ -21,7 +21,7 @@ from usage_metrics.synth import SynthEvent
 def _snap(version: tuple[str, int] | None, present: int | None = 2,
           span: str = "s") -> Snapshot:
     epoch, seq = version if version is not None else (None, None)
-    return Snapshot(Scope("o", "w"), None, None, epoch, seq, 1000,  # type: ignore[arg-type]
+    return Snapshot(Scope("o", "w"), None, None, epoch, seq,  # type: ignore[arg-type]
                     span_id=span, present=present)
 
 
