@@ -32,6 +32,5 @@ class Selection:
         return frozenset(s.org_id for s in self.scopes if s.is_org)
 
     def describe(self) -> str:
-        names = sorted(f"org {s.org_id}" if s.is_org else f"{s.org_id}/{s.workspace_id}"
-                       for s in self.scopes)
+        names = sorted(s.name for s in self.scopes)
         return ", ".join(names)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 from urllib.parse import quote, unquote
 
 from sketches.periods import Period
@@ -48,6 +48,11 @@ class Scope(NamedTuple):
         return not self.workspace_id
 
     @property
+    def name(self) -> str:
+        """How logs and errors name it: ``org/workspace``, or ``org <org>`` for an org's own."""
+        return f"org {self.org_id}" if self.is_org else f"{self.org_id}/{self.workspace_id}"
+
+    @property
     def org(self) -> Scope:
         """The org scope this workspace belongs to."""
         return Scope(self.org_id, ORG_SCOPE)
@@ -59,6 +64,11 @@ ORG_SCOPE = ""
 
 def org_scope(org_id: str) -> Scope:
     return Scope(org_id, ORG_SCOPE)
+
+
+def text_of(value: Any) -> str:
+    """A Redis reply's bytes (or anything else) as text: key names, fields and errors."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def encode_id(raw: str) -> str:

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sketches.keys import KeySpace, Scope, feed_member, parse_feed_member
+from sketches.keys import KeySpace, Scope, feed_member, parse_feed_member, text_of
 from sketches.store import run_pipeline
 
 log = logging.getLogger(__name__)
@@ -93,10 +93,6 @@ class FeedRead:
     changes: dict[Scope, float] = field(default_factory=dict)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _pairs(reply: Any) -> list[tuple[str, float]]:
     """A ``ZRANGEBYSCORE ... WITHSCORES`` reply (flat, or pairs under RESP3)."""
     items = list(reply or ())
@@ -105,7 +101,7 @@ def _pairs(reply: Any) -> list[tuple[str, float]]:
         raw = [(p[0], p[1]) for p in items]
     else:
         raw = list(zip(items[0::2], items[1::2], strict=True))
-    return [(_text(m), float(_text(s))) for m, s in raw]
+    return [(text_of(m), float(text_of(s))) for m, s in raw]
 
 
 def _add(out: FeedRead, pairs: Sequence[tuple[str, float]]) -> FeedRead:
@@ -206,7 +202,7 @@ async def _fill(client: Any, keys: KeySpace, token: str) -> int:
     count = 0
     async for key in client.scan_iter(match=settings_pattern(keys), count=1000):
         try:
-            found.append(keys.parse_workspace(_text(key)))
+            found.append(keys.parse_workspace(text_of(key)))
         except ValueError:
             continue
         if len(found) >= FILL_CHUNK:

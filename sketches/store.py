@@ -90,7 +90,7 @@ from sketches.errors import (
     StoreOutOfMemory,
     StoreUnavailable,
 )
-from sketches.keys import KeySpace, Scope
+from sketches.keys import KeySpace, Scope, text_of
 from sketches.periods import (
     ONE_DAY,
     Granularity,
@@ -113,6 +113,7 @@ from sketches.writes import (
     calls,
     failures,
     group_by_scope,
+    head_length,
     new_token,
     refusals,
 )
@@ -567,8 +568,8 @@ class SketchStore(abc.ABC):
             if running is not None:
                 await self.cancel_rebuild(started)
                 raise RebuildRunning(
-                    f"a rebuild of {_scope_name(scope)} is already under way (generation "
-                    f"{_text(running)}), or one stopped before it finished: rebuild again with "
+                    f"a rebuild of {scope.name} is already under way (generation "
+                    f"{text_of(running)}), or one stopped before it finished: rebuild again with "
                     "--take-over to replace it"
                 )
             started[scope] = generation
@@ -585,11 +586,11 @@ class SketchStore(abc.ABC):
             result = await self._script(
                 SWITCH_SCRIPT,
                 [self.keys.meta(scope), self.keys.registry(scope, generation), *live],
-                generation, new_token(), len(self.keys.sketch_head(scope).encode()),
+                generation, new_token(), head_length(self.keys, scope),
             )
             if int(result) < 0:
                 raise RebuildInterrupted(
-                    f"the rebuild of {_scope_name(scope)} was cancelled or taken over by "
+                    f"the rebuild of {scope.name} was cancelled or taken over by "
                     "another: its live sketches are unchanged"
                 )
             moved += int(result)
@@ -619,14 +620,6 @@ class SketchStore(abc.ABC):
                     await self.client.execute_command("UNLINK", *stale[i : i + 500])
             except (rexc.RedisError, OSError) as err:
                 raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _scope_name(scope: Scope) -> str:
-    return f"{scope.org_id}/{scope.workspace_id}" if scope.workspace_id else f"org {scope.org_id}"
 
 
 @functools.lru_cache(maxsize=1 << 18)

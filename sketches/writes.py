@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sketches.keys import KeySpace, Scope
+from sketches.keys import KeySpace, Scope, text_of
 from sketches.periods import Granularity, Period, WeekStart, periods_holding
 
 META_SLACK_DAYS = 62
@@ -334,7 +334,8 @@ def group_by_scope(
 
 
 @functools.lru_cache(maxsize=1 << 18)
-def _head_length(keys: KeySpace, scope: Scope) -> int:
+def head_length(keys: KeySpace, scope: Scope) -> int:
+    """Bytes of the scope's sketch head: where the scripts insert a generation."""
     return len(keys.sketch_head(scope).encode())
 
 
@@ -364,7 +365,7 @@ def scope_section(
                 target_deadlines.append(expire_at(t, retention_days))
         pending.append(([deadline if deadline > now else 0, len(members), *members], tuple(alive)))
     nm = len(member_keys)
-    argv: list[Any] = [mode, _head_length(keys, scope), len(write.days), nm, len(target_index)]
+    argv: list[Any] = [mode, head_length(keys, scope), len(write.days), nm, len(target_index)]
     argv.extend(d.toordinal() for d in write.days)
     argv.extend(target_deadlines)
     for section, to in pending:
@@ -467,15 +468,11 @@ def new_token() -> str:
     return uuid.uuid4().hex
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def refusals(reply: Any) -> list[str]:
     """The ``meta`` keys of scopes the script did not write: a rebuild's write to a generation
     that is no longer the one being filled (cancelled, or taken over)."""
     parts = list(reply or ())
-    return [_text(k) for k in parts[1]] if len(parts) > 1 else []
+    return [text_of(k) for k in parts[1]] if len(parts) > 1 else []
 
 
 def failures(reply: Any) -> Iterable[tuple[str, str]]:
@@ -484,4 +481,4 @@ def failures(reply: Any) -> Iterable[tuple[str, str]]:
     items = list(parts[0] or ()) if parts else []
     for i in range(0, len(items) - 1, 2):
         key, err = items[i], items[i + 1]
-        yield _text(key), _text(err)
+        yield text_of(key), text_of(err)
